@@ -1,1 +1,39 @@
-"""moe_comm: expert-parallel token dispatch and combine for Mixture-of-Experts models."""
+"""moe_comm: expert-parallel token dispatch and combine for Mixture-of-Experts models.
+
+Entry points: :class:`Buffer` (dispatch/combine), :func:`available_backends`,
+:mod:`moe_comm.functional` (autograd), :mod:`moe_comm.launch` (torchrun/mpirun/spawn).
+"""
+
+from moe_comm.backends.registry import available_backends
+from moe_comm.buffer import Buffer
+from moe_comm.errors import CommTimeoutError, PeerArgumentError
+from moe_comm.events import EventOverlap
+from moe_comm.types import (
+    CombineResult,
+    Config,
+    DispatchHandle,
+    DispatchLayout,
+    DispatchResult,
+    LowLatencyCombineResult,
+    LowLatencyDispatchResult,
+    LowLatencyHandle,
+)
+
+__version__ = "0.1.0"
+
+# Entry points first, then the typed results they return.
+__all__ = [
+    "Buffer",
+    "available_backends",
+    "CommTimeoutError",
+    "PeerArgumentError",
+    "EventOverlap",
+    "Config",
+    "DispatchHandle",
+    "DispatchLayout",
+    "DispatchResult",
+    "CombineResult",
+    "LowLatencyHandle",
+    "LowLatencyDispatchResult",
+    "LowLatencyCombineResult",
+]

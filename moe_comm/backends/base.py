@@ -24,6 +24,7 @@ from moe_comm.types import DispatchHandle, LowLatencyHandle
 
 __all__ = [
     "BackendContext",
+    "CombineOutput",
     "CombineRequest",
     "CommBackend",
     "DispatchOutput",
@@ -74,6 +75,9 @@ class DispatchRequest:
         num_worst_tokens: 0, or the fixed row count of the outputs (no host synchronisation).
         handle: a previous handle for a cached dispatch, else ``None``.
         num_sms: SM budget for this call.
+        count_matrix: ``[R, R + E]`` int64 on the host when the Buffer's agreement step already gathered
+            every rank's ``num_tokens_per_rank`` and ``num_tokens_per_expert`` (row = source rank), else
+            ``None`` and the backend exchanges counts itself.
     """
 
     x: torch.Tensor
@@ -88,6 +92,7 @@ class DispatchRequest:
     num_worst_tokens: int
     handle: DispatchHandle | None
     num_sms: int
+    count_matrix: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,6 +105,9 @@ class DispatchOutput:
         recv_topk_idx: ``[N, K]`` int64 local ids or ``None`` (cached / no top-k).
         recv_topk_weights: ``[N, K]`` float32 or ``None``.
         handle: the new handle (or the given one, for a cached dispatch).
+        finish: completes the operation (waits for the transfer and fills the outputs in place); the
+            Buffer calls it at once, or from the returned event when ``async_finish`` was asked. ``None``
+            when the outputs are already complete.
     """
 
     recv_x: torch.Tensor
@@ -107,6 +115,22 @@ class DispatchOutput:
     recv_topk_idx: torch.Tensor | None
     recv_topk_weights: torch.Tensor | None
     handle: DispatchHandle
+    finish: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CombineOutput:
+    """What a backend returns from a combine.
+
+    Attributes:
+        combined_x: ``[T, H]``.
+        combined_topk_weights: ``[T, K]`` float32 or ``None``.
+        finish: as in :class:`DispatchOutput`.
+    """
+
+    combined_x: torch.Tensor
+    combined_topk_weights: torch.Tensor | None
+    finish: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,8 +200,8 @@ class CommBackend(abc.ABC):
         """Send each token once to every rank that holds one of its experts (see ``DispatchResult``)."""
 
     @abc.abstractmethod
-    def combine(self, request: CombineRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return ``(combined_x [T, H], combined_topk_weights [T, K] or None)`` (see ``CombineResult``)."""
+    def combine(self, request: CombineRequest) -> CombineOutput:
+        """Sum each token's rows from every rank it went to (see ``CombineResult``)."""
 
     @abc.abstractmethod
     def low_latency_dispatch(

@@ -1,0 +1,671 @@
+"""The portable backend: dispatch and combine built on ``torch.distributed`` collectives.
+
+Runs wherever ``torch.distributed`` runs (gloo on CPU, NCCL on GPUs, one node or many) and is the
+semantic reference of every other backend.
+
+Normal mode moves each token once per destination rank:
+
+1. counts: one small ``all_gather`` of every rank's ``num_tokens_per_rank`` and ``num_tokens_per_expert``
+   (skipped when the Buffer's agreement step already gathered them, and for a cached dispatch);
+2. payload: ``all_to_all_single`` of the rows (as raw bytes, so FP8 crosses gloo), plus a second
+   ``all_to_all_single`` of a small side channel per row: source token index, top-k ids and weights,
+   FP8 scales. Both are in flight together.
+
+Worst-case mode (``num_worst_tokens > 0``) never reads counts on the host: every rank sends each peer a
+fixed block of ``C = num_worst_tokens // R`` rows (valid rows first, then filler) with equal-split
+collectives, and the receiver compacts on the device. It moves ``R * C`` rows per rank whatever the
+routing: the price of static shapes without a custom kernel.
+
+Low-latency mode all-gathers every rank's (optionally FP8) tokens padded to M rows with their top-k
+ids, and each rank picks the rows of its local experts into the expert-major layout. Combine sends each
+token owner a float32 partial sum of its local experts' weighted outputs. Static shapes throughout.
+
+Legend: T tokens, H hidden, K top-k, R ranks, E experts, E_local = E / R, S sent rows, N received rows,
+C worst-case block rows, M max tokens per rank (low-latency).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from moe_comm.backends.base import (
+    CombineOutput,
+    CombineRequest,
+    CommBackend,
+    DispatchOutput,
+    DispatchRequest,
+    LowLatencyDispatchOutput,
+)
+from moe_comm.collectives import StepContext, all_gather_rows, all_to_all_rows, as_bytes, wait_all
+from moe_comm.fp8 import FP8_DTYPE, per_token_cast_to_fp8
+from moe_comm.layout import compute_dispatch_layout, local_expert_ids, pad_to_alignment
+from moe_comm.types import DispatchHandle, LowLatencyHandle
+
+__all__ = ["TorchBackend", "gather_count_matrix"]
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gather_count_matrix(ctx: StepContext, row: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """All-gather one int64 row per rank; return the ``[R, len(row)]`` matrix on the host."""
+    world = dist.get_world_size(ctx.group)
+    local = row.to(device=device, dtype=torch.int64).reshape(1, -1)
+    gathered = torch.empty(world, local.shape[1], dtype=torch.int64, device=device)
+    work = all_gather_rows(ctx, gathered, local)
+    wait_all(ctx, [work], "count exchange")
+    return gathered.cpu()
+
+
+class _SideChannel:
+    """Packs small per-row tensors into one ``[rows, width]`` uint8 tensor and unpacks them again.
+
+    Fields are laid out widest dtype first and the row is padded to 8 bytes, so every field can be
+    viewed in place without copies.
+    """
+
+    def __init__(self, fields: Sequence[tuple[str, torch.dtype, int]]) -> None:
+        order = sorted(fields, key=lambda f: -torch.empty(0, dtype=f[1]).element_size())
+        self.fields: list[tuple[str, torch.dtype, int, int]] = []
+        offset = 0
+        for name, dtype, columns in order:
+            self.fields.append((name, dtype, columns, offset))
+            offset += torch.empty(0, dtype=dtype).element_size() * columns
+        self.width = (offset + 7) // 8 * 8
+
+    def pack(self, rows: int, values: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        packed = torch.zeros(rows, self.width, dtype=torch.uint8, device=device)
+        for name, _, _, offset in self.fields:
+            data = as_bytes(values[name].contiguous())
+            packed[:, offset : offset + data.shape[1]] = data
+        return packed
+
+    def view(self, packed: torch.Tensor, name: str) -> torch.Tensor:
+        for field_name, dtype, columns, offset in self.fields:
+            if field_name == name:
+                size = torch.empty(0, dtype=dtype).element_size() * columns
+                return packed[:, offset : offset + size].view(dtype)
+        raise KeyError(name)
+
+
+class TorchBackend(CommBackend):
+    """Dispatch/combine over ``torch.distributed`` (``backend="torch"``); see the module docstring."""
+
+    name = "torch"
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        if not dist.is_available():
+            return False, "torch was built without torch.distributed"
+        return True, "torch.distributed collectives (gloo or NCCL)"
+
+    # ------------------------------------------------------------------------------------------------
+    # helpers
+
+    def _ctx(self, op: str) -> StepContext:
+        c = self.context
+        return StepContext(c.group, c.rank, op, c.timeout_s)
+
+    @property
+    def _world(self) -> int:
+        return self.context.world_size
+
+    def get_dispatch_layout(
+        self, topk_idx: torch.Tensor, num_experts: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return compute_dispatch_layout(topk_idx, num_experts, self._world)
+
+    def _recv_expert_counts(self, matrix: torch.Tensor, num_experts: int, alignment: int) -> list[int]:
+        experts_per_rank = num_experts // self._world
+        start = self._world + self.context.rank * experts_per_rank
+        counts = matrix[:, start : start + experts_per_rank].sum(dim=0)
+        return pad_to_alignment(counts, alignment).tolist()
+
+    def _side_fields(self, request: DispatchRequest, with_src: bool) -> list[tuple[str, torch.dtype, int]]:
+        fields: list[tuple[str, torch.dtype, int]] = []
+        if with_src:
+            fields.append(("src_idx", torch.int32, 1))
+        if request.topk_idx is not None:
+            fields.append(("topk_idx", torch.int64, request.topk_idx.shape[1]))
+        if request.topk_weights is not None:
+            fields.append(("topk_weights", torch.float32, request.topk_weights.shape[1]))
+        if request.x_scales is not None:
+            fields.append(("scales", torch.float32, request.x_scales.shape[1]))
+        return fields
+
+    def _unpack_topk(
+        self,
+        side: _SideChannel,
+        packed: torch.Tensor,
+        request: DispatchRequest,
+        recv_topk_idx: torch.Tensor | None,
+        recv_topk_weights: torch.Tensor | None,
+        row_valid: torch.Tensor | None,
+    ) -> None:
+        """Fill the received top-k outputs in place: local expert ids, weights zeroed elsewhere."""
+        experts_per_rank = request.num_experts // self._world
+        local = None
+        if recv_topk_idx is not None:
+            local = local_expert_ids(side.view(packed, "topk_idx"), self.context.rank, experts_per_rank)
+            if row_valid is not None:
+                local = torch.where(row_valid.unsqueeze(1), local, torch.full_like(local, -1))
+            recv_topk_idx.copy_(local)
+        if recv_topk_weights is not None:
+            weights = side.view(packed, "topk_weights")
+            keep = local >= 0 if local is not None else None
+            if keep is None and row_valid is not None:
+                keep = row_valid.unsqueeze(1).expand_as(weights)
+            recv_topk_weights.copy_(weights if keep is None else torch.where(keep, weights, torch.zeros_like(weights)))
+
+    # ------------------------------------------------------------------------------------------------
+    # normal mode, exact sizes
+
+    def dispatch(self, request: DispatchRequest) -> DispatchOutput:
+        if request.num_worst_tokens > 0:
+            return self._dispatch_worst_case(request)
+        return self._dispatch_exact(request)
+
+    def _dispatch_exact(self, request: DispatchRequest) -> DispatchOutput:
+        ctx = self._ctx("dispatch")
+        x = request.x
+        device = x.device
+        num_tokens, hidden = x.shape
+        world, rank = self._world, self.context.rank
+        cached = request.handle
+
+        if cached is None:
+            assert request.is_token_in_rank is not None and request.num_tokens_per_rank is not None
+            assert request.num_tokens_per_expert is not None
+            matrix = request.count_matrix
+            if matrix is None:
+                row = torch.cat([request.num_tokens_per_rank.long(), request.num_tokens_per_expert.long()])
+                matrix = gather_count_matrix(ctx, row, device)
+            send_counts = tuple(matrix[rank, :world].tolist())
+            recv_counts = tuple(matrix[:, rank].tolist())
+            rank_prefix_matrix = matrix[:, :world].cumsum(dim=0).to(device=device, dtype=torch.int32)
+            send_token_idx = request.is_token_in_rank.t().nonzero()[:, 1].contiguous()
+            expert_counts = self._recv_expert_counts(matrix, request.num_experts, request.expert_alignment)
+        else:
+            assert cached.send_counts is not None and cached.recv_counts is not None
+            send_counts, recv_counts = cached.send_counts, cached.recv_counts
+            send_token_idx = cached.send_token_idx
+            expert_counts = cached.num_recv_tokens_per_expert_list
+
+        num_recv = sum(recv_counts)
+        recv_x = torch.empty(num_recv, hidden, dtype=x.dtype, device=device)
+        works = [all_to_all_rows(ctx, recv_x, x.index_select(0, send_token_idx), recv_counts, send_counts)]
+
+        fields = self._side_fields(request, with_src=cached is None)
+        side = _SideChannel(fields) if fields else None
+        recv_side = None
+        if side is not None:
+            values: dict[str, torch.Tensor] = {}
+            if cached is None:
+                values["src_idx"] = send_token_idx.to(torch.int32).unsqueeze(1)
+            for name, tensor in (
+                ("topk_idx", request.topk_idx),
+                ("topk_weights", request.topk_weights),
+                ("scales", request.x_scales),
+            ):
+                if tensor is not None:
+                    values[name] = tensor.index_select(0, send_token_idx)
+            send_side = side.pack(send_token_idx.numel(), values, device)
+            recv_side = torch.empty(num_recv, side.width, dtype=torch.uint8, device=device)
+            works.append(all_to_all_rows(ctx, recv_side, send_side, recv_counts, send_counts))
+
+        k = request.topk_idx.shape[1] if request.topk_idx is not None else 0
+        recv_topk_idx = torch.empty(num_recv, k, dtype=torch.int64, device=device) if request.topk_idx is not None else None
+        recv_topk_weights = (
+            torch.empty(num_recv, request.topk_weights.shape[1], dtype=torch.float32, device=device)
+            if request.topk_weights is not None
+            else None
+        )
+        recv_scales = (
+            torch.empty(num_recv, request.x_scales.shape[1], dtype=torch.float32, device=device)
+            if request.x_scales is not None
+            else None
+        )
+
+        if cached is None:
+            recv_src_idx = torch.empty(num_recv, dtype=torch.int32, device=device)
+            recv_src_rank = torch.repeat_interleave(
+                torch.arange(world, dtype=torch.int32, device=device),
+                torch.tensor(recv_counts, dtype=torch.int64, device=device),
+                output_size=num_recv,
+            )
+            handle = DispatchHandle(
+                buffer_id=self.context.buffer_id,
+                backend=self.name,
+                num_ranks=world,
+                num_experts=request.num_experts,
+                num_tokens=num_tokens,
+                hidden=hidden,
+                num_topk=k,
+                is_token_in_rank=request.is_token_in_rank,
+                num_tokens_per_rank=request.num_tokens_per_rank.to(torch.int32),
+                rank_prefix_matrix=rank_prefix_matrix,
+                send_token_idx=send_token_idx,
+                recv_src_idx=recv_src_idx,
+                recv_src_rank=recv_src_rank,
+                num_recv_tokens=num_recv,
+                send_counts=send_counts,
+                recv_counts=recv_counts,
+                num_recv_tokens_per_expert_list=expert_counts,
+                expert_alignment=request.expert_alignment,
+                num_worst_tokens=0,
+            )
+        else:
+            handle = cached
+
+        def finish() -> None:
+            wait_all(ctx, works, "payload all_to_all")
+            if side is None or recv_side is None:
+                return
+            if cached is None:
+                handle.recv_src_idx.copy_(side.view(recv_side, "src_idx").squeeze(1))
+            if recv_scales is not None:
+                recv_scales.copy_(side.view(recv_side, "scales"))
+            self._unpack_topk(side, recv_side, request, recv_topk_idx, recv_topk_weights, None)
+
+        return DispatchOutput(
+            recv_x=recv_x,
+            recv_x_scales=recv_scales,
+            recv_topk_idx=recv_topk_idx,
+            recv_topk_weights=recv_topk_weights,
+            handle=handle,
+            finish=finish,
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # worst-case mode: fixed blocks, no host synchronisation
+
+    def _dispatch_worst_case(self, request: DispatchRequest) -> DispatchOutput:
+        ctx = self._ctx("dispatch")
+        x = request.x
+        device = x.device
+        num_tokens, hidden = x.shape
+        world, rank = self._world, self.context.rank
+        block = request.num_worst_tokens // world
+        cached = request.handle
+
+        if cached is None:
+            assert request.is_token_in_rank is not None and request.num_tokens_per_rank is not None
+            # Stable sort puts, for every destination, its tokens first and in token order.
+            order = torch.argsort((~request.is_token_in_rank).t().to(torch.int8), dim=1, stable=True)
+            if num_tokens < block:
+                order = torch.nn.functional.pad(order, (0, block - num_tokens))
+            block_token_idx = order[:, :block].contiguous()  # [R, C]
+            block_valid = torch.arange(block, device=device).unsqueeze(0) < request.num_tokens_per_rank.unsqueeze(1).to(device)
+        else:
+            block_token_idx = cached.backend_state["block_token_idx"]
+            block_valid = cached.backend_state["block_valid"]
+
+        flat_idx = block_token_idx.flatten()
+        if num_tokens == 0:
+            send_x = torch.zeros(world * block, hidden, dtype=x.dtype, device=device)
+        else:
+            send_x = x.index_select(0, flat_idx)
+        recv_blocks = torch.empty(world * block, hidden, dtype=x.dtype, device=device)
+        works = [all_to_all_rows(ctx, recv_blocks, send_x, None, None)]
+
+        fields = self._side_fields(request, with_src=cached is None)
+        side = _SideChannel(fields) if fields else None
+        recv_side = None
+        if side is not None:
+            values: dict[str, torch.Tensor] = {}
+            if cached is None:
+                src = torch.where(block_valid, block_token_idx, torch.full_like(block_token_idx, -1))
+                values["src_idx"] = src.flatten().to(torch.int32).unsqueeze(1)
+            for name, tensor in (
+                ("topk_idx", request.topk_idx),
+                ("topk_weights", request.topk_weights),
+                ("scales", request.x_scales),
+            ):
+                if tensor is not None:
+                    values[name] = (
+                        tensor.index_select(0, flat_idx)
+                        if num_tokens
+                        else torch.zeros(world * block, *tensor.shape[1:], dtype=tensor.dtype, device=device)
+                    )
+            send_side = side.pack(world * block, values, device)
+            recv_side = torch.empty(world * block, side.width, dtype=torch.uint8, device=device)
+            works.append(all_to_all_rows(ctx, recv_side, send_side, None, None))
+
+        rows = request.num_worst_tokens
+        k = request.topk_idx.shape[1] if request.topk_idx is not None else 0
+        recv_x = torch.zeros(rows, hidden, dtype=x.dtype, device=device)
+        recv_scales = (
+            torch.zeros(rows, request.x_scales.shape[1], dtype=torch.float32, device=device)
+            if request.x_scales is not None
+            else None
+        )
+        recv_topk_idx = torch.full((rows, k), -1, dtype=torch.int64, device=device) if request.topk_idx is not None else None
+        recv_topk_weights = (
+            torch.zeros(rows, request.topk_weights.shape[1], dtype=torch.float32, device=device)
+            if request.topk_weights is not None
+            else None
+        )
+
+        if cached is None:
+            state = {
+                "block_token_idx": block_token_idx,
+                "block_valid": block_valid,
+                "block": block,
+                # Filled by finish(): which received block row lands on each output row, and back.
+                "recv_perm": torch.empty(world * block, dtype=torch.int64, device=device),
+                "recv_valid": torch.empty(world * block, dtype=torch.bool, device=device),
+            }
+            handle = DispatchHandle(
+                buffer_id=self.context.buffer_id,
+                backend=self.name,
+                num_ranks=world,
+                num_experts=request.num_experts,
+                num_tokens=num_tokens,
+                hidden=hidden,
+                num_topk=k,
+                is_token_in_rank=request.is_token_in_rank,
+                num_tokens_per_rank=request.num_tokens_per_rank.to(torch.int32),
+                rank_prefix_matrix=torch.full((world, world), -1, dtype=torch.int32, device=device),
+                send_token_idx=block_token_idx[block_valid],
+                recv_src_idx=torch.full((rows,), -1, dtype=torch.int32, device=device),
+                recv_src_rank=torch.full((rows,), -1, dtype=torch.int32, device=device),
+                num_recv_tokens=rows,
+                send_counts=None,
+                recv_counts=None,
+                num_recv_tokens_per_expert_list=[],
+                expert_alignment=request.expert_alignment,
+                num_worst_tokens=rows,
+                backend_state=state,
+            )
+        else:
+            handle = cached
+            state = cached.backend_state
+
+        def finish() -> None:
+            wait_all(ctx, works, "payload all_to_all (worst-case blocks)")
+            used = min(world * block, rows)
+            if cached is None:
+                assert side is not None and recv_side is not None
+                src = side.view(recv_side, "src_idx").squeeze(1)
+                valid = src >= 0
+                perm = torch.argsort((~valid).to(torch.int8), stable=True)
+                state["recv_perm"].copy_(perm)
+                state["recv_valid"].copy_(valid[perm])
+                handle.recv_src_idx[:used].copy_(src[perm][:used])
+                src_rank = torch.div(perm, block, rounding_mode="floor").to(torch.int32)
+                handle.recv_src_rank[:used].copy_(torch.where(valid[perm], src_rank, -1)[:used])
+            perm = state["recv_perm"][:used]
+            row_valid = state["recv_valid"][:used]
+            recv_x[:used] = recv_blocks.index_select(0, perm)
+            if side is not None and recv_side is not None:
+                sorted_side = recv_side.index_select(0, perm)
+                if recv_scales is not None:
+                    recv_scales[:used] = side.view(sorted_side, "scales")
+                self._unpack_topk(
+                    side,
+                    sorted_side,
+                    request,
+                    None if recv_topk_idx is None else recv_topk_idx[:used],
+                    None if recv_topk_weights is None else recv_topk_weights[:used],
+                    row_valid,
+                )
+
+        return DispatchOutput(
+            recv_x=recv_x,
+            recv_x_scales=recv_scales,
+            recv_topk_idx=recv_topk_idx,
+            recv_topk_weights=recv_topk_weights,
+            handle=handle,
+            finish=finish,
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # combine
+
+    def combine(self, request: CombineRequest) -> CombineOutput:
+        handle = request.handle
+        if handle.num_worst_tokens > 0:
+            return self._combine_worst_case(request)
+        ctx = self._ctx("combine")
+        x = request.x
+        device = x.device
+        assert handle.send_counts is not None and handle.recv_counts is not None
+        send_counts, recv_counts = handle.send_counts, handle.recv_counts
+        num_sent = sum(send_counts)
+        back_x = torch.empty(num_sent, x.shape[1], dtype=x.dtype, device=device)
+        works = [all_to_all_rows(ctx, back_x, x, send_counts, recv_counts)]
+        back_w = None
+        if request.topk_weights is not None:
+            back_w = torch.empty(num_sent, request.topk_weights.shape[1], dtype=torch.float32, device=device)
+            works.append(all_to_all_rows(ctx, back_w, request.topk_weights, send_counts, recv_counts))
+        segments = self._segments(send_counts)
+        token_of_row = handle.send_token_idx
+        return self._reduce_at_source(
+            ctx, works, request, back_x, back_w, [(token_of_row[a:b], a, b) for a, b in segments], "payload all_to_all"
+        )
+
+    def _combine_worst_case(self, request: CombineRequest) -> CombineOutput:
+        ctx = self._ctx("combine")
+        handle = request.handle
+        state = handle.backend_state
+        x = request.x
+        device = x.device
+        world, block = self._world, state["block"]
+        rows = handle.num_worst_tokens
+        used = min(world * block, rows)
+        # Block slot -> output row that holds it (inverse of the receive permutation).
+        inverse = torch.empty(world * block, dtype=torch.int64, device=device)
+        inverse[state["recv_perm"][:used]] = torch.arange(used, device=device)
+        if used < world * block:
+            inverse[state["recv_perm"][used:]] = 0
+        back_x = torch.empty(world * block, x.shape[1], dtype=x.dtype, device=device)
+        works = [all_to_all_rows(ctx, back_x, x.index_select(0, inverse), None, None)]
+        back_w = None
+        if request.topk_weights is not None:
+            back_w = torch.empty(world * block, request.topk_weights.shape[1], dtype=torch.float32, device=device)
+            works.append(all_to_all_rows(ctx, back_w, request.topk_weights.index_select(0, inverse), None, None))
+        num_tokens = handle.num_tokens
+        dummy = torch.full_like(state["block_token_idx"], num_tokens)
+        targets = torch.where(state["block_valid"], state["block_token_idx"], dummy)
+        pieces = [(targets[r], r * block, (r + 1) * block) for r in range(world)]
+        return self._reduce_at_source(ctx, works, request, back_x, back_w, pieces, "payload all_to_all (worst-case blocks)", spare_row=True)
+
+    @staticmethod
+    def _segments(counts: Sequence[int]) -> list[tuple[int, int]]:
+        bounds, start = [], 0
+        for count in counts:
+            bounds.append((start, start + count))
+            start += count
+        return bounds
+
+    def _reduce_at_source(
+        self,
+        ctx: StepContext,
+        works: list[dist.Work | None],
+        request: CombineRequest,
+        back_x: torch.Tensor,
+        back_w: torch.Tensor | None,
+        pieces: list[tuple[torch.Tensor, int, int]],
+        step: str,
+        spare_row: bool = False,
+    ) -> CombineOutput:
+        """Sum returned rows per token, rank by rank (unique targets per call: deterministic on GPU too)."""
+        handle, x = request.handle, request.x
+        num_tokens = handle.num_tokens
+        acc_dtype = _accumulation_dtype(x.dtype)
+        extra = 1 if spare_row else 0
+        combined = torch.empty(num_tokens, x.shape[1], dtype=x.dtype, device=x.device)
+        combined_w = None
+        if back_w is not None:
+            combined_w = torch.empty(num_tokens, back_w.shape[1], dtype=torch.float32, device=x.device)
+
+        def finish() -> None:
+            wait_all(ctx, works, step)
+            acc = torch.zeros(num_tokens + extra, x.shape[1], dtype=acc_dtype, device=x.device)
+            acc_w = None if back_w is None else torch.zeros(num_tokens + extra, back_w.shape[1], dtype=torch.float32, device=x.device)
+            for targets, start, stop in pieces:
+                if stop == start:
+                    continue
+                acc.index_add_(0, targets, back_x[start:stop].to(acc_dtype))
+                if acc_w is not None and back_w is not None:
+                    acc_w.index_add_(0, targets, back_w[start:stop])
+            result = acc[:num_tokens]
+            for bias in request.bias:
+                if bias is not None:
+                    result = result + bias.to(acc_dtype)
+            combined.copy_(result)
+            if combined_w is not None and acc_w is not None:
+                combined_w.copy_(acc_w[:num_tokens])
+
+        return CombineOutput(combined_x=combined, combined_topk_weights=combined_w, finish=finish)
+
+    # ------------------------------------------------------------------------------------------------
+    # low-latency mode
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        use_fp8: bool,
+        return_recv_hook: bool,
+    ) -> LowLatencyDispatchOutput:
+        ctx = self._ctx("low_latency_dispatch")
+        device = x.device
+        world, rank = self._world, self.context.rank
+        max_tokens = num_max_dispatch_tokens_per_rank
+        num_tokens, hidden = x.shape
+        num_topk = topk_idx.shape[1]
+        experts_per_rank = num_experts // world
+        slots = world * max_tokens
+
+        if use_fp8:
+            payload, scales = per_token_cast_to_fp8(x)
+        else:
+            payload, scales = x, None
+        pad = max_tokens - num_tokens
+        send_x = torch.nn.functional.pad(payload.view(torch.uint8), (0, 0, 0, pad)) if pad else payload.view(torch.uint8)
+        send_idx = torch.nn.functional.pad(topk_idx, (0, 0, 0, pad), value=-1) if pad else topk_idx
+        gathered_x = torch.empty(slots, send_x.shape[1], dtype=torch.uint8, device=device)
+        gathered_idx = torch.empty(slots, num_topk, dtype=torch.int64, device=device)
+        works = [all_gather_rows(ctx, gathered_x, send_x.contiguous()), all_gather_rows(ctx, gathered_idx, send_idx.contiguous())]
+        gathered_scales = None
+        if scales is not None:
+            send_scales = torch.nn.functional.pad(scales, (0, 0, 0, pad)) if pad else scales
+            gathered_scales = torch.empty(slots, scales.shape[1], dtype=torch.float32, device=device)
+            works.append(all_gather_rows(ctx, gathered_scales, send_scales.contiguous()))
+
+        out_dtype = FP8_DTYPE if use_fp8 else x.dtype
+        recv_x = torch.empty(experts_per_rank, slots, hidden, dtype=out_dtype, device=device)
+        recv_scales = (
+            torch.empty(experts_per_rank, slots, scales.shape[1], dtype=torch.float32, device=device)
+            if scales is not None
+            else None
+        )
+        recv_count = torch.empty(experts_per_rank, dtype=torch.int32, device=device)
+        src_token_idx = torch.empty(experts_per_rank, slots, dtype=torch.int32, device=device)
+        src_rank = torch.empty(experts_per_rank, slots, dtype=torch.int32, device=device)
+        layout_range = torch.empty(experts_per_rank, world, 2, dtype=torch.int32, device=device)
+        # Filled by the receive: for each gathered row and top-k slot, where its expert's row landed.
+        state = {
+            "gathered_idx": gathered_idx,
+            "slot_of": torch.empty(slots, num_topk, dtype=torch.int64, device=device),
+        }
+        handle = LowLatencyHandle(
+            buffer_id=self.context.buffer_id,
+            backend=self.name,
+            num_ranks=world,
+            num_experts=num_experts,
+            num_max_dispatch_tokens_per_rank=max_tokens,
+            num_tokens=num_tokens,
+            hidden=hidden,
+            num_topk=num_topk,
+            src_token_idx=src_token_idx,
+            src_rank=src_rank,
+            layout_range=layout_range,
+            backend_state=state,
+        )
+
+        def receive() -> None:
+            wait_all(ctx, works, "low-latency token all_gather")
+            local = local_expert_ids(gathered_idx, rank, experts_per_rank)  # [R*M, K]
+            hit = torch.zeros(slots, experts_per_rank + 1, dtype=torch.bool, device=device)
+            hit.scatter_(1, local + 1, True)
+            mask = hit[:, 1:].t().contiguous()  # [E_local, R*M]
+            counts = mask.sum(dim=1)
+            recv_count.copy_(counts)
+            position = torch.cumsum(mask, dim=1) - 1  # slot of each gathered row within its expert
+            perm = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # [E_local, R*M]
+            filled = torch.arange(slots, device=device).unsqueeze(0) < counts.unsqueeze(1)
+            recv_x.view(experts_per_rank, slots, -1).view(torch.uint8).copy_(
+                gathered_x.index_select(0, perm.flatten()).view(experts_per_rank, slots, -1)
+            )
+            if recv_scales is not None and gathered_scales is not None:
+                recv_scales.copy_(gathered_scales.index_select(0, perm.flatten()).view(experts_per_rank, slots, -1))
+            src_token_idx.copy_(torch.where(filled, perm % max_tokens, -1))
+            src_rank.copy_(torch.where(filled, torch.div(perm, max_tokens, rounding_mode="floor"), -1))
+            per_rank = mask.view(experts_per_rank, world, max_tokens).sum(dim=2)
+            layout_range[:, :, 1].copy_(per_rank)
+            layout_range[:, :, 0].copy_(torch.cumsum(per_rank, dim=1) - per_rank)
+            # Flat index into recv_x [E_local * R * M] of (gathered row, top-k slot); -1 when not local.
+            expert_for = local.clamp_min(0)
+            flat = expert_for * slots + position.t().gather(1, expert_for)
+            state["slot_of"].copy_(torch.where(local >= 0, flat, -1))
+
+        hook = None
+        if return_recv_hook:
+            hook = receive
+        else:
+            receive()
+        return LowLatencyDispatchOutput(
+            recv_x=recv_x, recv_x_scales=recv_scales, recv_count=recv_count, handle=handle, hook=hook
+        )
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        return_recv_hook: bool,
+        out: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, Callable[[], None] | None]:
+        ctx = self._ctx("low_latency_combine")
+        device = x.device
+        world = self._world
+        max_tokens = handle.num_max_dispatch_tokens_per_rank
+        num_tokens, hidden = handle.num_tokens, handle.hidden
+        slots = world * max_tokens
+        state = handle.backend_state
+        pad = max_tokens - num_tokens
+        send_w = torch.nn.functional.pad(topk_weights.float(), (0, 0, 0, pad)) if pad else topk_weights.float()
+        gathered_w = torch.empty(slots, topk_weights.shape[1], dtype=torch.float32, device=device)
+        wait_all(ctx, [all_gather_rows(ctx, gathered_w, send_w.contiguous())], "low-latency weight all_gather")
+
+        # Weighted partial sum of this rank's experts for every (source rank, token), in top-k order.
+        slot_of = state["slot_of"]  # [R*M, K]
+        rows = x.reshape(-1, hidden)
+        partial = torch.zeros(slots, hidden, dtype=torch.float32, device=device)
+        for k in range(slot_of.shape[1]):
+            hit = slot_of[:, k] >= 0
+            picked = rows.index_select(0, slot_of[:, k].clamp_min(0)).float()
+            weight = torch.where(hit, gathered_w[:, k], torch.zeros_like(gathered_w[:, k]))
+            partial.addcmul_(picked, weight.unsqueeze(1))
+        returned = torch.empty(slots, hidden, dtype=torch.float32, device=device)
+        works = [all_to_all_rows(ctx, returned, partial, None, None)]
+        combined = out if out is not None else torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
+
+        def receive() -> None:
+            wait_all(ctx, works, "low-latency partial-sum all_to_all")
+            total = returned.view(world, max_tokens, hidden)[:, :num_tokens].sum(dim=0)
+            combined.copy_(total)
+
+        if return_recv_hook:
+            return combined, receive
+        receive()
+        return combined, None
