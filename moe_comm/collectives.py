@@ -37,9 +37,11 @@ class StepContext:
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """View a contiguous ``[N, ...]`` tensor as ``[N, row_bytes]`` uint8 (gloo lacks float8 and some dtypes)."""
-    if t.dtype == torch.uint8:
-        return t.reshape(t.shape[0], -1)
-    return t.reshape(t.shape[0], -1).view(torch.uint8)
+    row = 1
+    for size in t.shape[1:]:
+        row *= size
+    flat = t.reshape(t.shape[0], row)
+    return flat if t.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
 def wait_all(ctx: StepContext, works: Sequence[dist.Work | None], step: str, host_visible: bool = True) -> None:
