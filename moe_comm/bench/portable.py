@@ -1,0 +1,168 @@
+"""The portable suite: dispatch, cached dispatch and combine of ``moe_comm.Buffer`` next to a raw all-to-all.
+
+Runs on every rank of an initialised default group (gloo on CPU, NCCL on GPUs). The baseline of each
+operation is ``torch.distributed.all_to_all_single`` of exactly the rows the operation moves (same split
+sizes, rows already in destination order, so it is the transfer alone), timed in alternation with it.
+
+Legend: T tokens per rank, H hidden, K top-k, E experts, R ranks, S rows sent, N rows received.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe_comm.buffer import Buffer
+from moe_comm.bench.timing import time_interleaved
+from moe_comm.fp8 import per_token_cast_to_fp8
+
+__all__ = ["BenchShape", "machine_info", "run_portable_suite"]
+
+# The issue's target for the portable backend: each op at most this many times its raw all-to-all.
+PORTABLE_TARGET_RATIO = 1.3
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """One benchmark configuration (identical on every rank)."""
+
+    tokens: int
+    hidden: int
+    topk: int
+    num_experts: int
+    fp8_dispatch: bool
+    warmup: int
+    iters: int
+    seed: int = 0
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the numbers come from: host, CPU count, accelerator, library versions."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": __import__("os").cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_device": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["cuda_device"] = props.name
+        info["cuda_sm_count"] = props.multi_processor_count
+        info["cuda_runtime"] = torch.version.cuda
+    return info
+
+
+def _routing(shape: BenchShape, rank: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random ``x [T, H]`` bf16, ``topk_idx [T, K]`` (K distinct experts, uniform) and ``topk_weights [T, K]``."""
+    gen = torch.Generator().manual_seed(shape.seed * 7919 + rank)
+    x = torch.randn(shape.tokens, shape.hidden, generator=gen).to(torch.bfloat16)
+    scores = torch.rand(shape.tokens, shape.num_experts, generator=gen)
+    idx = scores.topk(shape.topk, dim=1).indices.to(torch.int64)
+    weights = torch.rand(shape.tokens, shape.topk, generator=gen)
+    return x.to(device), idx.to(device), weights.to(device)
+
+
+def _row_bytes(hidden: int, fp8: bool) -> int:
+    return hidden + 4 * ((hidden + 127) // 128) if fp8 else 2 * hidden
+
+
+def _bytes_per_rank(counts_into_me: tuple[int, ...], rank: int, row_bytes: int, group: dist.ProcessGroup | None) -> tuple[float, float]:
+    """Mean over ranks of (logical, wire) bytes received: all rows, and rows from other ranks."""
+    logical = sum(counts_into_me) * row_bytes
+    wire = (sum(counts_into_me) - counts_into_me[rank]) * row_bytes
+    t = torch.tensor([float(logical), float(wire)], dtype=torch.float64)
+    if dist.get_backend(group) == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, group=group)
+    t = t.cpu() / dist.get_world_size(group)
+    return float(t[0]), float(t[1])
+
+
+def run_portable_suite(shape: BenchShape, backend: str = "torch") -> list[dict[str, Any]]:
+    """Measure dispatch, cached dispatch and combine against raw all-to-alls; every rank returns the records."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    buf = Buffer(backend=backend)
+    x, idx, weights = _routing(shape, rank, device)
+    payload: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = per_token_cast_to_fp8(x) if shape.fp8_dispatch else x
+    layout = buf.get_dispatch_layout(idx, shape.num_experts)
+    layout_kwargs = dict(
+        num_tokens_per_rank=layout.num_tokens_per_rank,
+        is_token_in_rank=layout.is_token_in_rank,
+        num_tokens_per_expert=layout.num_tokens_per_expert,
+        topk_idx=idx,
+        topk_weights=weights,
+    )
+    first = buf.dispatch(payload, **layout_kwargs)
+    handle = first.handle
+    assert handle.send_counts is not None and handle.recv_counts is not None
+    send_counts, recv_counts = list(handle.send_counts), list(handle.recv_counts)
+    recv_x = first.recv_x[0] if isinstance(first.recv_x, tuple) else first.recv_x
+    expert_out = torch.randn(recv_x.shape, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16).to(device)
+
+    row_bytes = _row_bytes(shape.hidden, shape.fp8_dispatch)
+    send_rows = torch.randint(0, 255, (sum(send_counts), row_bytes), dtype=torch.uint8, device=device)
+    recv_rows = torch.empty(sum(recv_counts), row_bytes, dtype=torch.uint8, device=device)
+    back_send = torch.randint(0, 255, (sum(recv_counts), 2 * shape.hidden), dtype=torch.uint8, device=device)
+    back_recv = torch.empty(sum(send_counts), 2 * shape.hidden, dtype=torch.uint8, device=device)
+
+    def raw_dispatch() -> None:
+        dist.all_to_all_single(recv_rows, send_rows, recv_counts, send_counts)
+
+    def raw_combine() -> None:
+        dist.all_to_all_single(back_recv, back_send, send_counts, recv_counts)
+
+    ops = {
+        "dispatch": lambda: buf.dispatch(payload, **layout_kwargs),
+        "dispatch_baseline": raw_dispatch,
+        "cached_dispatch": lambda: buf.dispatch(payload, handle=handle),
+        "cached_dispatch_baseline": raw_dispatch,
+        "combine": lambda: buf.combine(expert_out, handle),
+        "combine_baseline": raw_combine,
+    }
+    times = time_interleaved(ops, device=device, warmup=shape.warmup, iters=shape.iters)
+    dispatch_bytes = _bytes_per_rank(tuple(recv_counts), rank, row_bytes, None)
+    # Combine sends back what dispatch received: the token owner receives one bf16 row per (token, rank).
+    combine_bytes = _bytes_per_rank(tuple(send_counts), rank, 2 * shape.hidden, None)
+    dtype = "fp8_e4m3+scales" if shape.fp8_dispatch else "bfloat16"
+    records = []
+    for op, op_dtype, (logical, wire) in (
+        ("dispatch", dtype, dispatch_bytes),
+        ("cached_dispatch", dtype, dispatch_bytes),
+        ("combine", "bfloat16", combine_bytes),
+    ):
+        t, base = times[op], times[f"{op}_baseline"]
+        ratio = t["median"] / base["median"]
+        records.append(
+            dict(
+                op=op,
+                backend=buf.backend_name,
+                transport=str(dist.get_backend()),
+                world_size=world,
+                tokens=shape.tokens,
+                hidden=shape.hidden,
+                topk=shape.topk,
+                num_experts=shape.num_experts,
+                dtype=op_dtype,
+                time_s_median=t["median"],
+                time_s_min=t["min"],
+                baseline="torch.distributed.all_to_all_single of the same rows and split sizes",
+                baseline_time_s_median=base["median"],
+                ratio_to_baseline=ratio,
+                logical_bytes=logical,
+                wire_bytes=wire,
+                logical_gb_per_s=logical / t["median"] / 1e9,
+                wire_gb_per_s=wire / t["median"] / 1e9,
+                target=f"time <= {PORTABLE_TARGET_RATIO} x baseline",
+                target_met=bool(ratio <= PORTABLE_TARGET_RATIO),
+                shape=asdict(shape),
+            )
+        )
+    buf.destroy()
+    return records
