@@ -246,9 +246,11 @@ def one_f_one_b(num_ranks: int, num_chunks: int) -> Schedule:
 def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
     """ZB1P (ZB-H1, Qi et al. 2023): 1F1B with every backward split into I and W, W deferred to fill bubbles.
 
-    Rank r runs R-1-r warm-up forwards, then alternates F and I; rank r lets its first r... W passes wait
-    so that at most R-1-r W are pending (the activations in flight never exceed 1F1B's R-r), then drains
-    I and W alternately and finishes the pending W.
+    Rank r runs R-1-r warm-up forwards, then alternates F and I; after each I it runs the oldest pending W
+    only while more than r are pending. Rank r thus keeps r weight-grads in hand (the last rank R-1 the
+    most, rank 0 none) and spends them in the cool-down, where it would otherwise wait for gradients; the
+    activations in flight on rank r stay <= R (1F1B's peak on rank 0). Simulated, the step's bubble is
+    (R-1)(F+B-2W) (see tests/test_dualpipe_simulate.py).
 
     Args:
         num_ranks: R >= 1.
@@ -259,16 +261,19 @@ def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
     for r in range(num_ranks):
         warmup = min(num_ranks - 1 - r, num_chunks)
         acts = [Action(r, Kind.F, mb) for mb in range(warmup)]
-        pending: deque[int] = deque()
-        for k in range(num_chunks - warmup):
-            acts += [Action(r, Kind.F, warmup + k), Action(r, Kind.I, k)]
-            pending.append(k)
-            if len(pending) > warmup:
-                acts.append(Action(r, Kind.W, pending.popleft()))
-        for mb in range(num_chunks - warmup, num_chunks):
+        pending: deque[int] = deque()  # micro-batches whose I ran and whose W has not
+
+        def backward_input(mb: int) -> None:
             acts.append(Action(r, Kind.I, mb))
             pending.append(mb)
-            acts.append(Action(r, Kind.W, pending.popleft()))
+            while len(pending) > r:  # noqa: B023  (closure used within this iteration only)
+                acts.append(Action(r, Kind.W, pending.popleft()))  # noqa: B023
+
+        for k in range(num_chunks - warmup):  # steady state: F, I (+ W)
+            acts.append(Action(r, Kind.F, warmup + k))
+            backward_input(k)
+        for mb in range(num_chunks - warmup, num_chunks):  # cool-down: I (+ W)
+            backward_input(mb)
         acts += [Action(r, Kind.W, mb) for mb in pending]
         rows.append(tuple(acts))
     return check_counts(Schedule("zb1p", Topology.linear(num_ranks, num_chunks), tuple(rows)))
