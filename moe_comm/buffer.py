@@ -12,6 +12,7 @@ leaving ranks waiting; every wait is bounded by ``timeout_s``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -172,12 +173,24 @@ class Buffer:
             return not (device.type == "cuda" and no_host_sync)
         return bool(self.check_inputs)
 
-    def _agree(self, op: str, header: AgreementHeader, error: Exception | None, values_checked: bool) -> None:
-        """Run the agreement step (or raise the local error at once when checks are off)."""
+    def _agree(
+        self,
+        op: str,
+        header: AgreementHeader,
+        error: Exception | None,
+        values_checked: bool,
+        rows_per_rank: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """Run the agreement step (or raise the local error at once when checks are off).
+
+        Returns the ``[R, R]`` matrix of rows each rank sends each rank when ``rows_per_rank`` was given on
+        every rank and the step ran, else ``None``.
+        """
         if values_checked:
-            agree(self._step(op), header, error, self.device)
-        elif error is not None:
+            return agree(self._step(op), header, error, self.device, rows_per_rank)
+        if error is not None:
             raise error
+        return None
 
     def _check_handle(self, handle: object, cls: type, argument: str = "handle") -> None:
         require(isinstance(handle, cls), TypeError, f"{argument}: expected a {cls.__name__}, got {type(handle).__name__}")
@@ -382,11 +395,15 @@ class Buffer:
                     num_tokens_per_rank=num_tokens_per_rank.contiguous(), is_token_in_rank=is_token_in_rank.contiguous(),
                     num_tokens_per_expert=num_tokens_per_expert.contiguous(), num_experts=experts,
                     expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, handle=None, num_sms=num_sms,
+                    async_finish=bool(async_finish),
                 )
         except (TypeError, ValueError) as exc:
             error = exc
-        self._agree(op, header, error, values_checked)
+        sending = request.num_tokens_per_rank if request is not None and request.num_worst_tokens == 0 else None
+        rank_matrix = self._agree(op, header, error, values_checked, sending)
         assert request is not None
+        if rank_matrix is not None:
+            request = dataclasses.replace(request, rank_matrix=rank_matrix)
         with self._on_comm_stream(previous_event) as stream:
             out = self.backend.dispatch(request)
             event = self._finish(out.finish, async_finish, stream, (data, scales, idx, weights))

@@ -155,22 +155,48 @@ class AgreementHeader:
         return torch.tensor(values, dtype=torch.int64)
 
 
-def agree(ctx: StepContext, header: AgreementHeader, local_error: Exception | None, device: torch.device) -> None:
+def agree(
+    ctx: StepContext,
+    header: AgreementHeader,
+    local_error: Exception | None,
+    device: torch.device,
+    rows_per_rank: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """Exchange headers; raise on every rank if any rank failed its local checks or the ranks disagree.
 
     The rank whose own check failed re-raises its original exception; the others raise
     :class:`PeerArgumentError` quoting it. Disagreements raise ``ValueError`` naming the argument and
     every rank's value.
+
+    Args:
+        ctx: who is asking, for timeout errors.
+        header: this rank's view of the call.
+        local_error: this rank's own argument error, if any.
+        device: where the exchange runs (the group's device).
+        rows_per_rank: ``[R]`` integer counts this rank will send to each rank (a dispatch's
+            ``num_tokens_per_rank``), carried in the same collective so the dispatch needs no separate
+            count exchange. Every call sends R such slots (zeros when absent), so the rows of all ranks
+            have the same width whatever each rank passed.
+
+    Returns:
+        ``[R, R]`` int64 on the host, entry ``[i, j]`` = rows rank i sends to rank j, when every rank gave
+        ``rows_per_rank``; else ``None``.
     """
     world = dist.get_world_size(ctx.group)
-    if local_error is None and world == 1:
-        return
     if world == 1:
-        raise local_error  # type: ignore[misc]
-    row = header.encode(local_error is not None).to(device).unsqueeze(0)
+        if local_error is not None:
+            raise local_error
+        return None if rows_per_rank is None else rows_per_rank.reshape(1, 1).to("cpu", torch.int64)
+    counts = torch.zeros(world + 1, dtype=torch.int64)
+    if rows_per_rank is not None and local_error is None:
+        counts[0] = 1
+        counts[1:] = rows_per_rank.reshape(-1).to("cpu", torch.int64)
+    row = torch.cat([header.encode(local_error is not None), counts]).to(device).unsqueeze(0)
     table = torch.empty(world, row.shape[1], dtype=torch.int64, device=device)
     wait_all(ctx, [all_gather_rows(ctx, table, row)], f"{header.op} argument agreement")
     table = table.cpu()
+    counts_table = table[:, -(world + 1) :]
+    table = table[:, : -(world + 1)]
     failed = [r for r in range(world) if table[r, 1] != 0]
     if failed:
         messages: list[object] = [None] * world
@@ -194,3 +220,6 @@ def agree(ctx: StepContext, header: AgreementHeader, local_error: Exception | No
                 codes = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
                 values = [codes.get(v, v) for v in values]
             raise ValueError(f"{argument} differs between ranks in {header.op}: {values} (rank order); every rank must pass the same")
+    if bool(counts_table[:, 0].all()):
+        return counts_table[:, 1:].contiguous()
+    return None

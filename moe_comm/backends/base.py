@@ -75,9 +75,11 @@ class DispatchRequest:
         num_worst_tokens: 0, or the fixed row count of the outputs (no host synchronisation).
         handle: a previous handle for a cached dispatch, else ``None``.
         num_sms: SM budget for this call.
-        count_matrix: ``[R, R + E]`` int64 on the host when the Buffer's agreement step already gathered
-            every rank's ``num_tokens_per_rank`` and ``num_tokens_per_expert`` (row = source rank), else
-            ``None`` and the backend exchanges counts itself.
+        rank_matrix: ``[R, R]`` int64 on the host, entry ``[i, j]`` = rows rank i sends to rank j, when the
+            Buffer's agreement step already gathered every rank's ``num_tokens_per_rank``; else ``None`` and
+            the backend exchanges counts itself.
+        async_finish: whether the caller completes the dispatch later; then everything returned at once
+            (``num_recv_tokens_per_expert_list``) must be known before the payload arrives.
     """
 
     x: torch.Tensor
@@ -92,7 +94,8 @@ class DispatchRequest:
     num_worst_tokens: int
     handle: DispatchHandle | None
     num_sms: int
-    count_matrix: torch.Tensor | None = None
+    rank_matrix: torch.Tensor | None = None
+    async_finish: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from moe_comm.backends.base import (
+    BackendContext,
     CombineOutput,
     CombineRequest,
     CommBackend,
@@ -83,8 +84,8 @@ class _SideChannel:
 
     def pack(self, rows: int, values: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
         packed = torch.zeros(rows, self.width, dtype=torch.uint8, device=device)
-        for name, _, _, offset in self.fields:
-            data = as_bytes(values[name].contiguous())
+        for name, dtype, _, offset in self.fields:
+            data = as_bytes(values[name].to(dtype).contiguous())
             packed[:, offset : offset + data.shape[1]] = data
         return packed
 
@@ -96,10 +97,45 @@ class _SideChannel:
         raise KeyError(name)
 
 
+class _ScratchPool:
+    """Reusable host staging buffers, so large transfers do not page-fault fresh memory on every call.
+
+    Only for CPU tensors (the CUDA caching allocator already reuses memory, and stream-ordered reuse
+    needs it). A buffer is taken when an operation is issued and given back when it completes, so
+    operations in flight at the same time never share one.
+    """
+
+    def __init__(self, keep: int = 6) -> None:
+        self._free: list[torch.Tensor] = []
+        self._keep = keep
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous, uninitialised tensor of ``shape`` and ``dtype``."""
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        fits = [i for i, b in enumerate(self._free) if nbytes <= b.numel() <= 2 * nbytes + (1 << 16)]
+        raw = self._free.pop(min(fits, key=lambda i: self._free[i].numel())) if fits else torch.empty(nbytes, dtype=torch.uint8)
+        return raw[:nbytes].view(dtype).view(shape)
+
+    def give(self, *tensors: torch.Tensor | None) -> None:
+        """Return buffers from :meth:`take` (the caller no longer reads them)."""
+        for t in tensors:
+            if t is None or t.device.type != "cpu":
+                continue
+            base = t._base if t._base is not None else t
+            self._free.append(base.view(-1).view(torch.uint8) if base.dtype != torch.uint8 else base.view(-1))
+        del self._free[: max(0, len(self._free) - self._keep)]
+
+
 class TorchBackend(CommBackend):
     """Dispatch/combine over ``torch.distributed`` (``backend="torch"``); see the module docstring."""
 
     name = "torch"
+
+    def __init__(self, context: BackendContext) -> None:
+        super().__init__(context)
+        self._scratch = _ScratchPool()
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -134,7 +170,8 @@ class TorchBackend(CommBackend):
         if with_src:
             fields.append(("src_idx", torch.int32, 1))
         if request.topk_idx is not None:
-            fields.append(("topk_idx", torch.int64, request.topk_idx.shape[1]))
+            # Expert ids travel as int32: half the bytes of the caller's int64.
+            fields.append(("topk_idx", torch.int32, request.topk_idx.shape[1]))
         if request.topk_weights is not None:
             fields.append(("topk_weights", torch.float32, request.topk_weights.shape[1]))
         if request.x_scales is not None:
@@ -181,18 +218,25 @@ class TorchBackend(CommBackend):
         world, rank = self._world, self.context.rank
         cached = request.handle
 
+        # Per-expert received counts: from the count exchange when they must be known before the payload
+        # arrives (asynchronous completion, or no top-k to count), else from the received top-k ids.
+        count_experts_on_arrival = False
         if cached is None:
             assert request.is_token_in_rank is not None and request.num_tokens_per_rank is not None
             assert request.num_tokens_per_expert is not None
-            matrix = request.count_matrix
-            if matrix is None:
+            matrix = request.rank_matrix
+            expert_counts: list[int] = []
+            count_experts_on_arrival = request.topk_idx is not None and not request.async_finish
+            if matrix is None or not count_experts_on_arrival:
                 row = torch.cat([request.num_tokens_per_rank.long(), request.num_tokens_per_expert.long()])
-                matrix = gather_count_matrix(ctx, row, device)
+                full = gather_count_matrix(ctx, row, device)
+                matrix = full[:, :world]
+                expert_counts = self._recv_expert_counts(full, request.num_experts, request.expert_alignment)
+                count_experts_on_arrival = False
             send_counts = tuple(matrix[rank, :world].tolist())
             recv_counts = tuple(matrix[:, rank].tolist())
             rank_prefix_matrix = matrix[:, :world].cumsum(dim=0).to(device=device, dtype=torch.int32)
             send_token_idx = request.is_token_in_rank.t().nonzero()[:, 1].contiguous()
-            expert_counts = self._recv_expert_counts(matrix, request.num_experts, request.expert_alignment)
         else:
             assert cached.send_counts is not None and cached.recv_counts is not None
             send_counts, recv_counts = cached.send_counts, cached.recv_counts
@@ -201,7 +245,9 @@ class TorchBackend(CommBackend):
 
         num_recv = sum(recv_counts)
         recv_x = torch.empty(num_recv, hidden, dtype=x.dtype, device=device)
-        works = [all_to_all_rows(ctx, recv_x, x.index_select(0, send_token_idx), recv_counts, send_counts)]
+        staged_x = self._scratch.take((send_token_idx.numel(), hidden), x.dtype, device)
+        torch.index_select(x, 0, send_token_idx, out=staged_x)
+        works = [all_to_all_rows(ctx, recv_x, staged_x, recv_counts, send_counts)]
 
         fields = self._side_fields(request, with_src=cached is None)
         side = _SideChannel(fields) if fields else None
@@ -267,6 +313,7 @@ class TorchBackend(CommBackend):
 
         def finish() -> None:
             wait_all(ctx, works, "payload all_to_all")
+            self._scratch.give(staged_x)
             if side is None or recv_side is None:
                 return
             if cached is None:
@@ -274,6 +321,12 @@ class TorchBackend(CommBackend):
             if recv_scales is not None:
                 recv_scales.copy_(side.view(recv_side, "scales"))
             self._unpack_topk(side, recv_side, request, recv_topk_idx, recv_topk_weights, None)
+            if count_experts_on_arrival:
+                assert recv_topk_idx is not None
+                experts_per_rank = request.num_experts // world
+                local = recv_topk_idx[recv_topk_idx >= 0]
+                counts = torch.bincount(local, minlength=experts_per_rank)
+                expert_counts.extend(pad_to_alignment(counts, request.expert_alignment).tolist())
 
         return DispatchOutput(
             recv_x=recv_x,
@@ -440,7 +493,7 @@ class TorchBackend(CommBackend):
         assert handle.send_counts is not None and handle.recv_counts is not None
         send_counts, recv_counts = handle.send_counts, handle.recv_counts
         num_sent = sum(send_counts)
-        back_x = torch.empty(num_sent, x.shape[1], dtype=x.dtype, device=device)
+        back_x = self._scratch.take((num_sent, x.shape[1]), x.dtype, device)
         works = [all_to_all_rows(ctx, back_x, x, send_counts, recv_counts)]
         back_w = None
         if request.topk_weights is not None:
@@ -509,7 +562,7 @@ class TorchBackend(CommBackend):
 
         def finish() -> None:
             wait_all(ctx, works, step)
-            acc = torch.zeros(num_tokens + extra, x.shape[1], dtype=acc_dtype, device=x.device)
+            acc = self._scratch.take((num_tokens + extra, x.shape[1]), acc_dtype, x.device).zero_()
             acc_w = None if back_w is None else torch.zeros(num_tokens + extra, back_w.shape[1], dtype=torch.float32, device=x.device)
             # On the CPU the upcast goes chunk by chunk so that its float32 copy stays in cache (5x faster
             # than one pass over the whole tensor); on a GPU one kernel per rank is best.
@@ -528,6 +581,7 @@ class TorchBackend(CommBackend):
             combined.copy_(result)
             if combined_w is not None and acc_w is not None:
                 combined_w.copy_(acc_w[:num_tokens])
+            self._scratch.give(acc, back_x)
 
         return CombineOutput(combined_x=combined, combined_topk_weights=combined_w, finish=finish)
 
