@@ -76,7 +76,9 @@ class Action:
     def __post_init__(self) -> None:
         if self.kind is Kind.OVERLAP_F_B:
             if self.stage != -1 or self.microbatch is not None:
-                raise ValueError(f"OVERLAP_F_B must have stage=-1 and microbatch=None, got {self.stage}, {self.microbatch}")
+                raise ValueError(
+                    f"OVERLAP_F_B must have stage=-1 and microbatch=None, got {self.stage}, {self.microbatch}"
+                )
             if len(self.sub_actions) != 2:
                 raise ValueError(f"OVERLAP_F_B needs (forward, backward) sub_actions, got {self.sub_actions!r}")
             fwd, bwd = self.sub_actions

@@ -195,7 +195,9 @@ def dualpipe(num_ranks: int, num_chunks: int) -> Schedule:
             "which takes any rank count"
         )
     if num_chunks % 2:
-        raise ValueError(f"dualpipe needs an even num_chunks (half per direction), got {num_chunks}: use {num_chunks + 1}")
+        raise ValueError(
+            f"dualpipe needs an even num_chunks (half per direction), got {num_chunks}: use {num_chunks + 1}"
+        )
     if num_chunks < 2 * num_ranks:
         raise ValueError(
             f"dualpipe needs num_chunks >= 2 * num_ranks, got num_chunks={num_chunks}, num_ranks={num_ranks}: "
@@ -243,6 +245,16 @@ def one_f_one_b(num_ranks: int, num_chunks: int) -> Schedule:
     return check_counts(Schedule("1f1b", Topology.linear(num_ranks, num_chunks), tuple(rows)))
 
 
+def _input_grad_then_due_weights(
+    acts: list[Action], pending: deque[int], stage: int, microbatch: int, keep: int
+) -> None:
+    """Append I(stage, microbatch), then the oldest pending W until at most ``keep`` remain pending."""
+    acts.append(Action(stage, Kind.I, microbatch))
+    pending.append(microbatch)
+    while len(pending) > keep:
+        acts.append(Action(stage, Kind.W, pending.popleft()))
+
+
 def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
     """ZB1P (ZB-H1, Qi et al. 2023): 1F1B with every backward split into I and W, W deferred to fill bubbles.
 
@@ -262,18 +274,11 @@ def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
         warmup = min(num_ranks - 1 - r, num_chunks)
         acts = [Action(r, Kind.F, mb) for mb in range(warmup)]
         pending: deque[int] = deque()  # micro-batches whose I ran and whose W has not
-
-        def backward_input(mb: int) -> None:
-            acts.append(Action(r, Kind.I, mb))
-            pending.append(mb)
-            while len(pending) > r:  # noqa: B023  (closure used within this iteration only)
-                acts.append(Action(r, Kind.W, pending.popleft()))  # noqa: B023
-
         for k in range(num_chunks - warmup):  # steady state: F, I (+ W)
             acts.append(Action(r, Kind.F, warmup + k))
-            backward_input(k)
+            _input_grad_then_due_weights(acts, pending, stage=r, microbatch=k, keep=r)
         for mb in range(num_chunks - warmup, num_chunks):  # cool-down: I (+ W)
-            backward_input(mb)
+            _input_grad_then_due_weights(acts, pending, stage=r, microbatch=mb, keep=r)
         acts += [Action(r, Kind.W, mb) for mb in pending]
         rows.append(tuple(acts))
     return check_counts(Schedule("zb1p", Topology.linear(num_ranks, num_chunks), tuple(rows)))

@@ -169,11 +169,16 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
         costs: per-chunk costs.
 
     Returns:
-        :class:`SimResult`. How the published bubble formulas (REFERENCE.md section 4) read on it:
-        for 1F1B and ZB1P, ``max_bubble`` equals (PP-1)(F+B) and (PP-1)(F+B-2W) (ZB1P exactly when
-        W <= F, the zero-bubble paper's setting); for DualPipe and DualPipeV the formula
-        (PP/2-1)(F&B+B-3W) counts the idle time of the worst rank *beyond the pipeline fill each rank
-        cannot avoid*: see ``tests/test_dualpipe_simulate.py`` for the exact identity that is pinned.
+        :class:`SimResult`. The published bubble formulas (REFERENCE.md section 4) are ``max_bubble``,
+        the worst rank's idle time ``makespan - busy[r]``, with PP the stages per chain (ranks for 1F1B,
+        ZB1P and DualPipe; 2 x ranks for DualPipeV, which runs PP stages on PP/2 devices):
+
+        * 1F1B: (PP-1)(F+B), for any costs;
+        * ZB1P: (PP-1)(F+B-2W), for W <= F (the zero-bubble paper's regime);
+        * DualPipe, DualPipeV: (PP/2-1)(F&B+B-3W) exactly when F = W = B/2, for any F&B (e.g. DualPipe on
+          8 ranks with F=1, B=2, W=1, F&B=3: 6); smaller when W < F.
+
+        ``tests/test_dualpipe_simulate.py`` pins all of these.
 
     Raises:
         ScheduleError: on a deadlock (an action whose input is never produced before it in any order the

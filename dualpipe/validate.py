@@ -54,7 +54,9 @@ def check_counts(schedule: Schedule) -> Schedule:
                     raise ScheduleError(f"{sub}: stage {sub.stage} does not exist", schedule, (r, i))
                 if topo.rank_of(sub.stage) != r:
                     raise ScheduleError(
-                        f"{sub}: stage {sub.stage} lives on rank {topo.rank_of(sub.stage)}, not rank {r}", schedule, (r, i)
+                        f"{sub}: stage {sub.stage} lives on rank {topo.rank_of(sub.stage)}, not rank {r}",
+                        schedule,
+                        (r, i),
                     )
                 if sub.microbatch >= topo.num_microbatches(sub.stage):
                     raise ScheduleError(
@@ -222,7 +224,7 @@ def lower_to_p2p(schedule: Schedule) -> Schedule:
         for i, a in enumerate(row):
             order = 0
             for sub in a.computes():
-                for recv, src, msg in _consumed(schedule, sub):
+                for recv, _src, msg in _consumed(schedule, sub):
                     consume_at[(r, msg)] = (i, order)
                     recv_action[(r, msg)] = recv
                     order += 1

@@ -117,14 +117,21 @@ def save_png(result: SimResult, schedule: Schedule, path: str) -> bool:
     fig, ax = plt.subplots(figsize=(max(8.0, min(40.0, result.makespan / 4)), 0.5 * num_ranks + 1.5))
     for e in result.events:
         dur = e.end - e.start
-        ax.broken_barh([(e.start, dur)], (e.rank - 0.4, 0.8), facecolors=_COLORS[e.action.kind], edgecolor="black", lw=0.3)
+        ax.broken_barh(
+            [(e.start, dur)], (e.rank - 0.4, 0.8), facecolors=_COLORS[e.action.kind], edgecolor="black", lw=0.3
+        )
         if dur * 10 >= result.makespan / 40:
             ax.text(e.start + dur / 2, e.rank, _label(e.action), ha="center", va="center", fontsize=5)
     ax.set_yticks(range(num_ranks), [f"rank {r}" for r in range(num_ranks)])
     ax.invert_yaxis()
     ax.set_xlabel("time (cost units)")
     ax.set_title(f"{schedule.name}: makespan {result.makespan:g}, max bubble {result.max_bubble:g}")
-    ax.legend(handles=[Patch(color=c, label=k.value) for k, c in _COLORS.items()], loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=6)
+    ax.legend(
+        handles=[Patch(color=c, label=k.value) for k, c in _COLORS.items()],
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=6,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -160,7 +167,9 @@ def compare_table(pp: int, num_chunks: int, costs: Costs) -> str:
             continue
         res = simulate(s, costs)
         topo = s.topology
-        params = max(sum(pp / len(topo.chains[topo.chain_of(st)]) for st in topo.stages_of_rank(r)) for r in range(ranks))
+        params = max(
+            sum(pp / len(topo.chains[topo.chain_of(st)]) for st in topo.stages_of_rank(r)) for r in range(ranks)
+        )
         rows.append(
             (
                 name,
@@ -174,7 +183,7 @@ def compare_table(pp: int, num_chunks: int, costs: Costs) -> str:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

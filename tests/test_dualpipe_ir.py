@@ -53,8 +53,19 @@ def test_action_round_trip(stage: int, kind: Kind, mb: int) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "F0", "2F", "2X0", "-1F0", "2 F 0", "(0F3)OVERLAP_F_B", "(0F3;7B1;1F1)OVERLAP_F_B", "(7B1;0F3)OVERLAP_F_B",
-     "(0F3;7W1)OVERLAP_F_B", "2OVERLAP_F_B0"],
+    [
+        "",
+        "F0",
+        "2F",
+        "2X0",
+        "-1F0",
+        "2 F 0",
+        "(0F3)OVERLAP_F_B",
+        "(0F3;7B1;1F1)OVERLAP_F_B",
+        "(7B1;0F3)OVERLAP_F_B",
+        "(0F3;7W1)OVERLAP_F_B",
+        "2OVERLAP_F_B0",
+    ],
 )
 def test_action_invalid_text_names_it(text: str) -> None:
     with pytest.raises(ValueError, match="invalid action") as info:

@@ -225,8 +225,10 @@ def test_fifo_mismatch_detected() -> None:
     lowered = Schedule(
         "swapped",
         topo,
-        (acts("0F0 0SEND_F0 0F1 0SEND_F1 0RECV_B0 0B0 0RECV_B1 0B1"),
-         acts("1RECV_F1 1F1 1RECV_F0 1F0 1B0 1SEND_B0 1B1 1SEND_B1")),
+        (
+            acts("0F0 0SEND_F0 0F1 0SEND_F1 0RECV_B0 0B0 0RECV_B1 0B1"),
+            acts("1RECV_F1 1F1 1RECV_F0 1F0 1B0 1SEND_B0 1B1 1SEND_B1"),
+        ),
     )
     with pytest.raises(ScheduleError, match="FIFO mismatch") as info:
         check_p2p_fifo(lowered)

@@ -71,8 +71,11 @@ def test_lowered_plan_simulates_like_compute_plan() -> None:
 
 
 def test_deadlock_raises_with_grid() -> None:
-    s = Schedule("cycle", Topology.linear(2, 2), (tuple(map(A, "0F0 0B0 0F1 0B1".split())),
-                                                  tuple(map(A, "1F1 1F0 1B0 1B1".split()))))
+    s = Schedule(
+        "cycle",
+        Topology.linear(2, 2),
+        (tuple(map(A, "0F0 0B0 0F1 0B1".split())), tuple(map(A, "1F1 1F0 1B0 1B1".split()))),
+    )
     with pytest.raises(ScheduleError, match="deadlock") as info:
         simulate(s, Costs(1, 2))
     assert (info.value.rank, info.value.step) == (0, 1) and "<-- ERROR HERE (rank 0)" in str(info.value)
@@ -157,8 +160,26 @@ def test_parse_costs() -> None:
 def test_cli_timeline_and_trace(tmp_path, capsys) -> None:
     trace = tmp_path / "t.json"
     png = tmp_path / "t.png"
-    assert main(["--schedule", "dualpipev", "--ranks", "4", "--chunks", "16", "--trace", str(trace),
-                 "--png", str(png), "--costs", "1,2,1,3", "--grid"]) == 0
+    assert (
+        main(
+            [
+                "--schedule",
+                "dualpipev",
+                "--ranks",
+                "4",
+                "--chunks",
+                "16",
+                "--trace",
+                str(trace),
+                "--png",
+                str(png),
+                "--costs",
+                "1,2,1,3",
+                "--grid",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "makespan" in out and "bubble per rank [6.0, 6.0, 6.0, 6.0]" in out
     assert out.count("rank  ") == 4 and "|0F0" in out and "Step 00:" in out
@@ -188,6 +209,10 @@ def test_compare_table() -> None:
 def test_cli_compare_subprocess() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "dualpipe.visualize", "--compare", "--ranks", "4", "--chunks", "8"],
-        capture_output=True, text=True, check=True, timeout=60, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
     ).stdout
     assert "dualpipev" in out and "params/dev" in out
