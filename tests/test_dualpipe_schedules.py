@@ -254,3 +254,38 @@ def test_unreceived_send_detected() -> None:
     lowered = Schedule("extra", topo, (acts("0F0 0SEND_F0 0SEND_F0 0RECV_B0 0B0"), acts("1RECV_F0 1F0 1B0 1SEND_B0")))
     with pytest.raises(ScheduleError, match="never receives it"):
         check_p2p_fifo(lowered)
+
+
+# ---- differential: torch.distributed.pipelining's DualPipeV plan --------------------------------------------
+
+
+def _torch_dualpipev_rank(num_ranks: int, num_chunks: int, rank: int) -> list[str] | None:
+    """torch's ScheduleDualPipeV plan for one rank as action strings, or None if the private API moved."""
+    import types
+
+    try:
+        from torch.distributed.pipelining.schedules import ScheduleDualPipeV
+    except ImportError:
+        return None
+    calc = getattr(ScheduleDualPipeV, "_calculate_single_rank_operations", None)
+    if calc is None:
+        return None
+    fake = types.SimpleNamespace(pp_group_size=num_ranks, _n_microbatches=num_chunks)
+    try:
+        return [str(a) for a in calc(fake, rank)]
+    except AttributeError:  # the helper reads other attributes in this torch version
+        return None
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 3, 4, 7, 8])
+def test_dualpipev_matches_torch(num_ranks: int) -> None:
+    """Our DualPipeV equals torch.distributed.pipelining's (both follow DeepSeek's step()), action by action,
+    and torch's action text parses with Action.from_str."""
+    for num_chunks in (2 * num_ranks, 3 * num_ranks + 1):
+        ours = dualpipev(num_ranks, num_chunks)
+        for r in range(num_ranks):
+            theirs = _torch_dualpipev_rank(num_ranks, num_chunks, r)
+            if theirs is None:
+                pytest.skip("torch's ScheduleDualPipeV._calculate_single_rank_operations is not available")
+            assert [str(a) for a in ours.ranks[r]] == theirs
+            assert tuple(Action.from_str(t) for t in theirs) == ours.ranks[r]
