@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dualpipe.ir import Action, Kind, Schedule, ScheduleError, Topology
 from dualpipe.schedules import SCHEDULES, dualpipe, dualpipev, generate, one_f_one_b, zb1p
@@ -289,3 +291,41 @@ def test_dualpipev_matches_torch(num_ranks: int) -> None:
                 pytest.skip("torch's ScheduleDualPipeV._calculate_single_rank_operations is not available")
             assert [str(a) for a in ours.ranks[r]] == theirs
             assert tuple(Action.from_str(t) for t in theirs) == ours.ranks[r]
+
+
+@pytest.mark.parametrize("num_ranks, num_chunks", [(2, 4), (4, 8), (4, 14), (8, 16)])
+def test_dualpipe_is_dualpipev_per_half(num_ranks: int, num_chunks: int) -> None:
+    """DualPipe's first-half rank r runs DualPipeV(R/2, N/2)'s rank r plan; only the stage mapping differs:
+    V stage v < R/2 is chain-0 stage v, V stage v >= R/2 is chain-1 stage v + R (on the same rank)."""
+    half = num_ranks // 2
+    dual, v = dualpipe(num_ranks, num_chunks), dualpipev(half, num_chunks // 2)
+
+    def relabel(a: Action) -> Action:
+        if a.kind is Kind.OVERLAP_F_B:
+            return Action.overlap(*(relabel(x) for x in a.sub_actions))
+        return dataclasses.replace(a, stage=a.stage if a.stage < half else a.stage + num_ranks)
+
+    for r in range(half):
+        assert dual.ranks[r] == tuple(relabel(a) for a in v.ranks[r])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(SCHEDULES),
+    st.integers(1, 4),
+    st.data(),
+)
+def test_mutated_schedules_fail_cleanly(name: str, half_ranks: int, data: st.DataObject) -> None:
+    """Swapping two actions of one rank either keeps the plan valid or raises ScheduleError (never a crash)."""
+    num_ranks = 2 * half_ranks if name == "dualpipe" else half_ranks
+    s = generate(name, num_ranks, 2 * num_ranks + 2 * data.draw(st.integers(0, 2)))
+    r = data.draw(st.integers(0, num_ranks - 1))
+    row = list(s.ranks[r])
+    i = data.draw(st.integers(0, len(row) - 1))
+    j = data.draw(st.integers(0, len(row) - 1))
+    row[i], row[j] = row[j], row[i]
+    mutated = dataclasses.replace(s, ranks=s.ranks[:r] + (tuple(row),) + s.ranks[r + 1 :])
+    try:
+        validate(mutated)
+    except ScheduleError as e:
+        assert "<-- ERROR HERE" in str(e) or e.rank is None
