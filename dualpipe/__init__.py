@@ -2,6 +2,15 @@
 
 Entry points: :func:`generate` (or :func:`dualpipe.schedules.dualpipev` etc.), :func:`validate`,
 :func:`simulate`; ``python -m dualpipe.visualize`` draws and compares schedules.
+
+Example::
+
+    from dualpipe import Costs, generate, lower_to_p2p, simulate, validate
+
+    plan = generate("dualpipev", num_ranks=4, num_chunks=16)  # per-rank tuples of Action ("0F3", ...)
+    validate(plan)                                            # raises ScheduleError with the marked grid
+    lowered = lower_to_p2p(plan)                              # adds SEND_F/RECV_F/SEND_B/RECV_B
+    result = simulate(plan, Costs(F=1, B=2, W=1, FB=3))       # result.max_bubble == 6 (= (8/2-1)(3+2-3))
 """
 
 from dualpipe.ir import Action, Kind, Schedule, ScheduleError, Topology

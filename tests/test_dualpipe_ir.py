@@ -164,3 +164,13 @@ def test_schedule_error_carries_grid() -> None:
 def test_schedule_rank_count_checked() -> None:
     with pytest.raises(ValueError, match="rank rows"):
         Schedule("x", Topology.linear(2, 1), ((),))
+
+
+def test_schedule_pickles() -> None:
+    """Spawned runtime workers receive plans by pickle; the topology's stage->chain index must survive."""
+    import pickle
+
+    topo = Topology.dual(4, 8)
+    s = Schedule("x", topo, ((A("0F0"),), (), (), (A("(4F0;3B0)OVERLAP_F_B"),)))
+    t = pickle.loads(pickle.dumps(s))
+    assert t == s and hash(t.topology) == hash(topo) and t.topology.chain_of(5) == 1
