@@ -30,6 +30,7 @@ activation is allocated before the backward's is freed).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from dualpipe.ir import Action, Kind, Schedule, ScheduleError
@@ -161,12 +162,29 @@ def _describe(key: tuple[str, int, int]) -> str:
     return f"{key[1]}{what}{key[2]}"
 
 
-def simulate(schedule: Schedule, costs: Costs) -> SimResult:
+def _duration(act: Action, costs: Costs, stage_costs: Mapping[int, Costs]) -> float:
+    """Duration of ``act`` with per-stage overrides; a pair costs its forward stage's FB when that is set,
+    else its forward's F plus its backward's B (or I)."""
+    if not stage_costs:
+        return costs.duration(act)
+    if act.kind is Kind.OVERLAP_F_B:
+        fwd, bwd = act.sub_actions
+        cf, cb = stage_costs.get(fwd.stage, costs), stage_costs.get(bwd.stage, costs)
+        if cf.FB is not None:
+            return cf.FB - (cb.W if bwd.kind is Kind.I else 0.0)
+        return cf.F + cb.duration(bwd)
+    return stage_costs.get(act.stage, costs).duration(act)
+
+
+def simulate(schedule: Schedule, costs: Costs, *, stage_costs: Mapping[int, Costs] | None = None) -> SimResult:
     """Run ``schedule`` under ``costs`` and measure it.
 
     Args:
         schedule: a compute plan (lowered plans are accepted; their SEND/RECV are skipped).
-        costs: per-chunk costs.
+        costs: per-chunk costs, for every stage not in ``stage_costs``; ``costs.p2p`` is used for all edges.
+        stage_costs: optional per-stage overrides (e.g. a heavier loss stage), keyed by global stage id.
+            An OVERLAP_F_B pair costs its forward stage's ``FB`` when set (minus the backward's W when it
+            is an I), otherwise the forward's F plus the backward's own duration.
 
     Returns:
         :class:`SimResult`. The published bubble formulas (REFERENCE.md section 4) are ``max_bubble``,
@@ -211,7 +229,7 @@ def simulate(schedule: Schedule, costs: Costs) -> SimResult:
                         break
                 if blocked:
                     break
-                end = ready + costs.duration(act)
+                end = ready + _duration(act, costs, stage_costs or {})
                 for sub in act.computes():
                     for key in _done_keys(sub):
                         done[key] = end

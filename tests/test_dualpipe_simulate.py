@@ -216,3 +216,21 @@ def test_cli_compare_subprocess() -> None:
         cwd=Path(__file__).resolve().parents[1],
     ).stdout
     assert "dualpipev" in out and "params/dev" in out
+
+
+def test_stage_cost_overrides() -> None:
+    base = Costs(F=1, B=2)
+    heavy_loss = {1: Costs(F=2, B=4)}
+    res = simulate(one_f_one_b(2, 2), base, stage_costs=heavy_loss)
+    spans = {str(e.action): (e.start, e.end) for e in res.events}
+    assert spans["1F0"] == (1, 3) and spans["1B0"] == (3, 7) and spans["0B0"] == (7, 9)
+    assert spans["1F1"] == (7, 9) and spans["1B1"] == (9, 13) and spans["0B1"] == (13, 15)
+    # A pair uses its forward stage's FB when set, else F(forward) + B(backward).
+    topo = Topology.linear(1, 2)
+    s = Schedule("x", topo, (tuple(map(A, ["0F0", "(0F1;0B0)OVERLAP_F_B", "0B1"])),))
+    assert simulate(s, base, stage_costs={0: Costs(F=1, B=2, FB=2.5)}).makespan == 1 + 2.5 + 2
+    assert simulate(s, base, stage_costs={0: Costs(F=3, B=2)}).makespan == 3 + 5 + 2
+    # Overrides equal to the defaults change nothing.
+    plan = dualpipe(4, 8)
+    c = Costs(1, 2, 1, 2.5)
+    assert simulate(plan, c, stage_costs={s: c for s in range(8)}) == simulate(plan, c)
