@@ -221,11 +221,6 @@ def dualpipe(num_ranks: int, num_chunks: int) -> Schedule:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_linear_args(name: str, num_ranks: int, num_chunks: int) -> None:
-    _check_positive("num_ranks", num_ranks)
-    _check_positive("num_chunks", num_chunks)
-
-
 def one_f_one_b(num_ranks: int, num_chunks: int) -> Schedule:
     """1F1B: stage s on rank s; rank r runs R-1-r warm-up forwards, then alternates F and B, then drains.
 
@@ -233,7 +228,8 @@ def one_f_one_b(num_ranks: int, num_chunks: int) -> Schedule:
         num_ranks: R >= 1.
         num_chunks: N >= 1 micro-batches.
     """
-    _check_linear_args("1f1b", num_ranks, num_chunks)
+    _check_positive("num_ranks", num_ranks)
+    _check_positive("num_chunks", num_chunks)
     rows = []
     for r in range(num_ranks):
         warmup = min(num_ranks - 1 - r, num_chunks)
@@ -262,13 +258,14 @@ def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
     only while more than r are pending. Rank r thus keeps r weight-grads in hand (the last rank R-1 the
     most, rank 0 none) and spends them in the cool-down, where it would otherwise wait for gradients; the
     activations in flight on rank r stay <= R (1F1B's peak on rank 0). Simulated, the step's bubble is
-    (R-1)(F+B-2W) (see tests/test_dualpipe_simulate.py).
+    (R-1)(F+B-2W) for W <= F and N >= R (see tests/test_dualpipe_simulate.py).
 
     Args:
         num_ranks: R >= 1.
         num_chunks: N >= 1 micro-batches.
     """
-    _check_linear_args("zb1p", num_ranks, num_chunks)
+    _check_positive("num_ranks", num_ranks)
+    _check_positive("num_chunks", num_chunks)
     rows = []
     for r in range(num_ranks):
         warmup = min(num_ranks - 1 - r, num_chunks)

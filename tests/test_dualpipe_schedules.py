@@ -329,3 +329,11 @@ def test_mutated_schedules_fail_cleanly(name: str, half_ranks: int, data: st.Dat
         validate(mutated)
     except ScheduleError as e:
         assert "<-- ERROR HERE" in str(e) or e.rank is None
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb1p"])
+@pytest.mark.parametrize("num_ranks", [3, 8])
+def test_linear_schedules_with_few_chunks(name: str, num_ranks: int) -> None:
+    """1F1B and ZB1P take any N >= 1, also fewer micro-batches than ranks."""
+    for num_chunks in range(1, num_ranks + 1):
+        validate(generate(name, num_ranks, num_chunks))
