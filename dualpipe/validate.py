@@ -261,6 +261,20 @@ def lower_to_p2p(schedule: Schedule) -> Schedule:
     return Schedule(schedule.name, topo, tuple(rows))
 
 
+def _check_p2p_action(lowered: Schedule, a: Action, rank: int, step: int) -> None:
+    """A SEND/RECV must name a stage of this rank that has a peer in that direction."""
+    topo = lowered.topology
+    assert a.microbatch is not None
+    if not 0 <= a.stage < topo.num_stages or topo.rank_of(a.stage) != rank:
+        raise ScheduleError(f"{a}: stage {a.stage} is not on rank {rank}", lowered, (rank, step))
+    if a.microbatch >= topo.num_microbatches(a.stage):
+        raise ScheduleError(f"{a}: micro-batch {a.microbatch} is out of range", lowered, (rank, step))
+    try:
+        _message_of(lowered, a)
+    except ValueError as e:
+        raise ScheduleError(str(e), lowered, (rank, step)) from None
+
+
 def check_p2p_fifo(lowered: Schedule) -> None:
     """Run a lowered plan with NCCL-like p2p semantics and report mismatches and deadlocks.
 
@@ -286,6 +300,8 @@ def check_p2p_fifo(lowered: Schedule) -> None:
             while ptr[r] < len(rows[r]):
                 i = ptr[r]
                 a = rows[r][i]
+                if not a.kind.is_compute:
+                    _check_p2p_action(lowered, a, r, i)
                 if a.kind is Kind.SEND_F or a.kind is Kind.SEND_B:
                     dst, msg = _message_of(lowered, a)
                     need = (Kind.F,) if a.kind is Kind.SEND_F else (Kind.B, Kind.I)

@@ -337,3 +337,18 @@ def test_linear_schedules_with_few_chunks(name: str, num_ranks: int) -> None:
     """1F1B and ZB1P take any N >= 1, also fewer micro-batches than ranks."""
     for num_chunks in range(1, num_ranks + 1):
         validate(generate(name, num_ranks, num_chunks))
+
+
+@pytest.mark.parametrize(
+    "rank0, match",
+    [
+        ("0RECV_F0 0F0 0SEND_F0 0RECV_B0 0B0", "has no peer stage"),  # stage 0 takes the inputs itself
+        ("1SEND_F0 0F0 0SEND_F0 0RECV_B0 0B0", "stage 1 is not on rank 0"),
+        ("0F0 0SEND_F5 0RECV_B0 0B0", "out of range"),
+    ],
+)
+def test_malformed_p2p_actions(rank0: str, match: str) -> None:
+    lowered = Schedule("bad", Topology.linear(2, 1), (acts(rank0), acts("1RECV_F0 1F0 1B0 1SEND_B0")))
+    with pytest.raises(ScheduleError, match=match) as info:
+        check_p2p_fifo(lowered)
+    assert info.value.rank == 0
