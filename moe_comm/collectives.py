@@ -103,8 +103,14 @@ def all_to_all_rows(
 
 def all_gather_rows(ctx: StepContext, output: torch.Tensor, input: torch.Tensor) -> dist.Work | None:
     """Start an ``all_gather_into_tensor`` of ``input [n, ...]`` into ``output [R * n, ...]`` as bytes."""
-    if dist.get_world_size(ctx.group) == 1:
+    world = dist.get_world_size(ctx.group)
+    if world == 1:
         output.copy_(input)
         return None
+    if not ctx.is_nccl:
+        # gloo's all-gather is a ring of R - 1 dependent steps; its all-to-all sends to every peer at once,
+        # which halves the latency of the small gathers (headers, counts) at 4 ranks.
+        repeated = as_bytes(input).repeat(world, 1)
+        return dist.all_to_all_single(as_bytes(output).view(world, -1), repeated.view(world, -1), group=ctx.group, async_op=True)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     return gather(as_bytes(output), as_bytes(input), group=ctx.group, async_op=True)
