@@ -118,7 +118,8 @@ def validate(schedule: Schedule) -> None:
     Checks, in order: :func:`check_counts`; same-rank dependency order (F before its B/I, I before its W,
     a stage's F after the previous stage's F and its B/I after the next stage's B/I when those stages share
     the rank); cross-rank ordering by simulation (a cycle of waits is a deadlock); and the lowered plan's
-    per-peer FIFO matching (:func:`check_p2p_fifo`).
+    per-peer FIFO matching (:func:`check_p2p_fifo`): of ``schedule`` itself when it already holds SEND/RECV
+    actions, else of :func:`lower_to_p2p` of it.
 
     Raises:
         ScheduleError: with the rank x step grid and the failing step marked.
@@ -129,7 +130,8 @@ def validate(schedule: Schedule) -> None:
     check_counts(compute)
     _check_local_order(compute)
     simulate(compute, Costs(F=1.0, B=2.0, W=1.0))
-    check_p2p_fifo(lower_to_p2p(compute))
+    # A lowered plan is checked as given; a compute plan through the lowering the runtime would use.
+    check_p2p_fifo(schedule if compute is not schedule else lower_to_p2p(compute))
 
 
 def _strip_p2p(schedule: Schedule) -> Schedule:

@@ -352,3 +352,17 @@ def test_malformed_p2p_actions(rank0: str, match: str) -> None:
     with pytest.raises(ScheduleError, match=match) as info:
         check_p2p_fifo(lowered)
     assert info.value.rank == 0
+
+
+def test_validate_checks_a_lowered_plan_as_given() -> None:
+    validate(lower_to_p2p(dualpipe(4, 8)))
+    swapped = Schedule(
+        "swapped",
+        Topology.linear(2, 2),
+        (
+            acts("0F0 0SEND_F0 0F1 0SEND_F1 0RECV_B0 0B0 0RECV_B1 0B1"),
+            acts("1RECV_F1 1F1 1RECV_F0 1F0 1B0 1SEND_B0 1B1 1SEND_B1"),
+        ),
+    )
+    with pytest.raises(ScheduleError, match="FIFO mismatch"):  # 1F1 before 1F0 is fine, the recv order not
+        validate(swapped)
