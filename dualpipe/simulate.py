@@ -26,6 +26,10 @@ needs). Frees at time t are counted before allocations at t. ``peak_activations[
 live at once on rank r, in units of one (stage, micro-batch) activation, summed over the stages the rank
 holds. An overlapped F&B pair therefore holds one more activation than its neighbours (the forward's
 activation is allocated before the backward's is freed).
+
+With that unit the activation column of the published table holds exactly (PP = stages per chain, each
+stage model/PP: the rank count for 1F1B, ZB1P and DualPipe, 2 x ranks for DualPipeV): 1F1B peaks at PP on
+rank 0, ZB1P at PP, DualPipe and DualPipeV at PP+1 on every rank.
 """
 
 from __future__ import annotations
