@@ -1,0 +1,3 @@
+"""Adapters that make third-party MoE models expert-parallel through :mod:`moe_comm`."""
+
+__all__ = ["transformers"]
