@@ -59,7 +59,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 150
+    steps: int = 200
     batch: int = 32  # sequences per EP rank per step
     lr: float = 3e-3
     seed: int = 0
@@ -151,7 +151,8 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(cfg.dim)
         self.router = Router(cfg)
         local = cfg.experts // ep
-        experts = GroupedExperts(local, cfg.dim, cfg.expert_dim)
+        with torch.random.fork_rng():  # the global RNG stream must not depend on how many experts are local
+            experts = GroupedExperts(local, cfg.dim, cfg.expert_dim)
         with torch.no_grad():
             sl = slice(rank * local, (rank + 1) * local)
             for name in ("w1", "w2", "w3"):
@@ -238,7 +239,7 @@ def _run_backward(loss, outputs, output_grads) -> None:
         torch.autograd.backward(outs, grads)
 
 
-def build_full_layers(cfg: ModelConfig, seed: int) -> tuple[torch.Generator, list[GroupedExperts]]:
+def build_full_layers(cfg: ModelConfig, seed: int) -> list[GroupedExperts]:
     torch.manual_seed(seed)
     return [GroupedExperts(cfg.experts, cfg.dim, cfg.expert_dim) for _ in range(cfg.layers)]
 

@@ -1,0 +1,67 @@
+"""examples/train_moe.py: the loss falls, and EP training equals a single-process run of the same global batch."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pathlib
+import sys
+
+import torch.distributed as dist
+
+from tests.harness import pool_fixture
+
+_PATH = pathlib.Path(__file__).resolve().parent.parent / "examples" / "train_moe.py"
+_spec = importlib.util.spec_from_file_location("train_moe", _PATH)
+train_moe = importlib.util.module_from_spec(_spec)
+sys.modules["train_moe"] = train_moe
+_spec.loader.exec_module(train_moe)
+
+pool = pool_fixture(2)
+
+
+def _small(**kw):
+    model = train_moe.ModelConfig(layers=2, experts=8, topk=2, seq=16)
+    return train_moe.TrainConfig(batch=8, model=model, progress=False, backend="torch", **kw)
+
+
+def _ep_vs_single(steps: int):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    singles = [dist.new_group([r]) for r in range(world)]
+    tc = _small(steps=steps, ep=world)
+    ep_history = train_moe.train(tc, dist.group.WORLD, None, quiet=True)
+    ref_tc = dataclasses.replace(tc, ep=1, batch=tc.batch * world)
+    ref_history = train_moe.train(ref_tc, singles[rank], None, quiet=True)
+    return ep_history["loss"], ref_history["loss"]
+
+
+def test_ep_training_matches_single_process(pool):
+    for ep_loss, ref_loss in pool.run(_ep_vs_single, 4):
+        for a, b in zip(ep_loss, ref_loss):
+            assert abs(a - b) <= 2e-5 * max(1.0, abs(b)), (ep_loss, ref_loss)
+
+
+def _short_run(steps: int):
+    tc = _small(steps=steps, ep=dist.get_world_size(), lr=1e-2)
+    return train_moe.train(tc, dist.group.WORLD, None, quiet=True)
+
+
+def test_loss_falls(pool):
+    history = pool.run(_short_run, 80)[0]
+    first, last = sum(history["loss"][:3]) / 3, sum(history["loss"][-3:]) / 3
+    assert last < first - 0.25, history["loss"]
+    assert all(0 <= c <= s for c, s in zip(history["comm_s"], history["step_s"]))
+
+
+def test_cli_json(tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "run.json"
+    proc = subprocess.run(
+        [sys.executable, str(_PATH), "--steps", "3", "--nprocs", "2", "--batch", "4", "--json", str(out), "--png", "", "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert len(data["loss"]) == 3 and len(data["step_s"]) == 3 and data["config"]["ep"] == 2
