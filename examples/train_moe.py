@@ -290,11 +290,43 @@ def sync_and_balance(model: nn.Module, ep_group, ep: int, rate: float) -> None:
             r.load.zero_()
 
 
+def split_stages(full: Stage, num_stages: int) -> list[Stage]:
+    """Cut a whole-model :class:`Stage` into ``num_stages`` consecutive stages (sharing its modules)."""
+    cfg = full.cfg
+    if cfg.layers < num_stages:
+        raise ValueError(f"layers: {cfg.layers} layers cannot fill {num_stages} pipeline stages; use at least {num_stages} layers or a smaller --pp")
+    sizes = [cfg.layers // num_stages + (i < cfg.layers % num_stages) for i in range(num_stages)]
+    stages, start = [], 0
+    for i, n in enumerate(sizes):
+        stage = Stage(cfg, list(full.blocks[start : start + n]), first=False, last=False)
+        if i == 0:
+            stage.embed, stage.pos = full.embed, full.pos
+        if i == num_stages - 1:
+            stage.norm, stage.head = full.norm, full.head
+        stages.append(stage)
+        start += n
+    return stages
+
+
+def _dualpipev():
+    try:
+        from dualpipe import DualPipeV  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return DualPipeV
+
+
 def train(tc: TrainConfig, ep_group=None, pp_group=None, quiet: bool = False) -> dict:
-    """Train on the calling ranks; returns ``{"loss": [...], "step_s": [...], "comm_s": [...], ...}`` (rank 0's view)."""
+    """Train on the calling ranks; returns ``{"loss": [...], "step_s": [...], "comm_s": [...], ...}`` (rank 0's view).
+
+    With a ``pp_group`` of more than one rank the model runs as DualPipeV over it: pipeline rank ``r`` holds
+    stages ``r`` and ``2 PP - 1 - r``; inputs and labels enter, and the loss leaves, at pipeline rank 0.
+    """
     cfg = tc.model
     ep = dist.get_world_size(ep_group)
     ep_rank = dist.get_rank(ep_group)
+    pp = dist.get_world_size(pp_group) if pp_group is not None else 1
+    pp_rank = dist.get_rank(pp_group) if pp_group is not None else 0
     dtype = getattr(torch, tc.dtype)
     buffer = TimedBuffer(Buffer(ep_group, backend=tc.backend, num_experts=cfg.experts))
     torch.set_default_dtype(dtype)
@@ -302,6 +334,18 @@ def train(tc: TrainConfig, ep_group=None, pp_group=None, quiet: bool = False) ->
         model = build_model(cfg, tc.seed, buffer, ep_rank, ep)
     finally:
         torch.set_default_dtype(torch.float32)
+    pipe = None
+    chunks = 1
+    if pp > 1:
+        DualPipeV = _dualpipev()
+        if DualPipeV is None:
+            raise RuntimeError("--pp > 1 needs dualpipe.DualPipeV; run with --pp 1")
+        stages = split_stages(model, 2 * pp)
+        model = nn.ModuleList([stages[pp_rank], stages[2 * pp - 1 - pp_rank]])
+        pipe = DualPipeV((model[0], model[1]), process_group=pp_group)
+        chunks = tc.chunks or 2 * pp * 2
+        if tc.batch % chunks:
+            raise ValueError(f"batch: {tc.batch} sequences cannot be cut into {chunks} micro-batches")
     optim = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=0.0)
     is_main = dist.get_rank() == 0 and not quiet
     bar = None
@@ -312,27 +356,41 @@ def train(tc: TrainConfig, ep_group=None, pp_group=None, quiet: bool = False) ->
             bar = tqdm(total=tc.steps, desc="train", dynamic_ncols=True)
         except ImportError:
             bar = None
-    history = {"loss": [], "step_s": [], "comm_s": [], "tokens_per_s": []}
+    history: dict = {"loss": [], "step_s": [], "comm_s": [], "tokens_per_s": []}
     for step in range(tc.steps):
         x, y = make_batch(cfg, tc.batch * ep, step, tc.seed)
         x, y = x[ep_rank * tc.batch : (ep_rank + 1) * tc.batch], y[ep_rank * tc.batch : (ep_rank + 1) * tc.batch]
         buffer.seconds = 0.0
         t0 = time.perf_counter()
         optim.zero_grad(set_to_none=True)
-        loss = criterion(model(x), y)
-        loss.backward()
+        if pipe is None:
+            loss = criterion(model(x), y)
+            loss.backward()
+            loss = loss.detach()
+        elif pp_rank == 0:
+            loss, _ = pipe.step(x, num_chunks=chunks, criterion=criterion, labels=(y,))
+            loss = loss.detach().float().mean()
+        else:
+            pipe.step(num_chunks=chunks)
+            loss = None
+        if pipe is not None:
+            for p in model.parameters():  # the pipeline sums the micro-batches' mean losses
+                if p.grad is not None:
+                    p.grad.div_(chunks)
         sync_and_balance(model, ep_group, ep, cfg.bias_update_rate)
         optim.step()
         step_s = time.perf_counter() - t0
-        mean_loss = loss.detach().double()
-        if ep > 1:
-            dist.all_reduce(mean_loss, group=ep_group)
-            mean_loss /= ep
         tokens = tc.batch * ep * cfg.seq
-        history["loss"].append(float(mean_loss))
         history["step_s"].append(step_s)
         history["comm_s"].append(buffer.seconds)
         history["tokens_per_s"].append(tokens / step_s)
+        if loss is None:
+            continue
+        mean_loss = loss.double()
+        if ep > 1:
+            dist.all_reduce(mean_loss, group=ep_group)
+            mean_loss /= ep
+        history["loss"].append(float(mean_loss))
         if is_main:
             msg = f"loss {float(mean_loss):.4f}  {tokens / step_s:,.0f} tok/s  comm {100 * buffer.seconds / step_s:.0f}%"
             if bar is not None:
@@ -422,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
         world = dist.get_world_size()
     else:
         world = args.nprocs or (torch.cuda.device_count() or 4)
-    pp = args.pp or 1
+    pp = args.pp or (2 if _dualpipev() is not None and world % 2 == 0 and world >= 4 else 1)
     ep = args.ep or world // pp
     tc = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, pp=pp, ep=ep, progress=not args.no_progress)
     args.config = asdict(tc)

@@ -7,6 +7,7 @@ import importlib.util
 import pathlib
 import sys
 
+import pytest
 import torch.distributed as dist
 
 from tests.harness import pool_fixture
@@ -65,3 +66,22 @@ def test_cli_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
     assert len(data["loss"]) == 3 and len(data["step_s"]) == 3 and data["config"]["ep"] == 2
+
+
+def _pp_vs_single(steps: int):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    singles = [dist.new_group([r]) for r in range(world)]
+    tc = _small(steps=steps, ep=1, pp=world, chunks=2 * world)
+    tc = dataclasses.replace(tc, model=dataclasses.replace(tc.model, layers=2 * world))
+    pp_history = train_moe.train(tc, singles[rank], dist.group.WORLD, quiet=True)
+    ref_history = train_moe.train(dataclasses.replace(tc, pp=1), singles[rank], None, quiet=True)
+    return pp_history["loss"], ref_history["loss"]
+
+
+def test_pipeline_training_matches_single_process(pool):
+    if train_moe._dualpipev() is None:
+        pytest.skip("dualpipe.DualPipeV (the pipeline runtime) is not available in this checkout")
+    pp_loss, ref_loss = pool.run(_pp_vs_single, 3)[0]
+    assert len(pp_loss) == len(ref_loss) == 3
+    for a, b in zip(pp_loss, ref_loss):
+        assert abs(a - b) <= 2e-5 * max(1.0, abs(b)), (pp_loss, ref_loss)
