@@ -235,7 +235,7 @@ def _run_backward(loss, outputs, output_grads) -> None:
         loss.backward()
     elif outputs is not None:
         outs = [o for o in outputs if o is not None and o.requires_grad]
-        grads = [g for o, g in zip(outputs, output_grads) if o is not None and o.requires_grad]
+        grads = [g for o, g in zip(outputs, output_grads, strict=True) if o is not None and o.requires_grad]
         torch.autograd.backward(outs, grads)
 
 
@@ -285,7 +285,7 @@ def sync_and_balance(model: nn.Module, ep_group, ep: int, rate: float) -> None:
         loads = torch.stack([r.load for r in routers])
         if ep > 1:
             dist.all_reduce(loads, group=ep_group)
-        for r, load in zip(routers, loads):
+        for r, load in zip(routers, loads, strict=True):
             r.bias += rate * torch.sign(load.mean() - load)
             r.load.zero_()
 

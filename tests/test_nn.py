@@ -81,7 +81,7 @@ def _check_moe(grouped: bool, use_async: bool):
     # The full model's local experts' gradient summed over ranks equals the EP local gradient.
     ref_params = [full.w1, full.w2, full.w3] if grouped else None
     if grouped:
-        for p, rp in zip(params, ref_params):
+        for p, rp in zip(params, ref_params, strict=True):
             total = rp.grad.clone()
             dist.all_reduce(total)
             assert torch.allclose(p.grad, total[sl], rtol=1e-5, atol=1e-6)

@@ -38,7 +38,7 @@ def _ep_vs_single(steps: int):
 
 def test_ep_training_matches_single_process(pool):
     for ep_loss, ref_loss in pool.run(_ep_vs_single, 4):
-        for a, b in zip(ep_loss, ref_loss):
+        for a, b in zip(ep_loss, ref_loss, strict=True):
             assert abs(a - b) <= 2e-5 * max(1.0, abs(b)), (ep_loss, ref_loss)
 
 
@@ -51,7 +51,7 @@ def test_loss_falls(pool):
     history = pool.run(_short_run, 80)[0]
     first, last = sum(history["loss"][:3]) / 3, sum(history["loss"][-3:]) / 3
     assert last < first - 0.25, history["loss"]
-    assert all(0 <= c <= s for c, s in zip(history["comm_s"], history["step_s"]))
+    assert all(0 <= c <= s for c, s in zip(history["comm_s"], history["step_s"], strict=True))
 
 
 def test_cli_json(tmp_path):
@@ -83,5 +83,5 @@ def test_pipeline_training_matches_single_process(pool):
         pytest.skip("dualpipe.DualPipeV (the pipeline runtime) is not available in this checkout")
     pp_loss, ref_loss = pool.run(_pp_vs_single, 3)[0]
     assert len(pp_loss) == len(ref_loss) == 3
-    for a, b in zip(pp_loss, ref_loss):
+    for a, b in zip(pp_loss, ref_loss, strict=True):
         assert abs(a - b) <= 2e-5 * max(1.0, abs(b)), (pp_loss, ref_loss)
