@@ -8,6 +8,7 @@ import pathlib
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from tests.harness import pool_fixture
@@ -85,3 +86,33 @@ def test_pipeline_training_matches_single_process(pool):
     assert len(pp_loss) == len(ref_loss) == 3
     for a, b in zip(pp_loss, ref_loss, strict=True):
         assert abs(a - b) <= 2e-5 * max(1.0, abs(b)), (pp_loss, ref_loss)
+
+
+def _overlapped_equals_sequential():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tc = _small(steps=0, ep=world)
+    cfg = tc.model
+    results = []
+    for overlapped in (False, True):
+        buffer = train_moe.Buffer(dist.group.WORLD, backend="torch", num_experts=cfg.experts)
+        model = train_moe.build_model(cfg, 0, buffer, rank, world)
+        x0, y0 = train_moe.make_batch(cfg, 4, 10 + rank, 0)
+        x1, y1 = train_moe.make_batch(cfg, 4, 20 + rank, 0)
+        loss1 = train_moe.criterion(model(x1), y1)
+        if overlapped:
+            (out0,), loss0 = train_moe.Stage.overlapped_forward_backward(model, (x0,), train_moe.criterion, (y0,), model, loss1, None, None)
+        else:
+            loss1.backward()
+            out0 = model(x0)
+            loss0 = train_moe.criterion(out0, y0)
+        loss0.backward()
+        results.append((out0.detach(), [p.grad.clone() for p in model.parameters()]))
+        buffer.destroy()
+    (a, ga), (b, gb) = results
+    assert torch.equal(a, b)
+    assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-7) for p, q in zip(ga, gb, strict=True))
+    return True
+
+
+def test_overlapped_forward_backward_equals_sequential(pool):
+    assert all(pool.run(_overlapped_equals_sequential))
