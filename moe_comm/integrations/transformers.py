@@ -5,15 +5,19 @@ Supported: every model whose sparse blocks keep their experts in a fused ``*Expe
 a module with 3-D parameters ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``, an ``act_fn``, and
 ``forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]``.
 
-Only the experts module is replaced. The block's own forward (router softmax or sigmoid, group-limited
-top-k, normalisation, scaling factor, score-correction bias, shared experts and their gates) runs
-unchanged, so routing is the original math by construction; only where each expert runs changes.
+Only the experts module is replaced (plus, for blocks with shared experts, the block's forward, by one
+that computes them while the dispatch is in flight with the same arithmetic). The block's router
+(softmax or sigmoid, group-limited top-k, normalisation, scaling factor, score-correction bias) and
+shared experts with their gates run unchanged, so routing is the original math by construction; only
+where each expert runs changes.
 
 Legend: T tokens on this rank, H hidden, I expert intermediate size, K top-k, N rows received,
 E experts, E_local = E / R.
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 import torch.distributed as dist
@@ -66,7 +70,16 @@ class ExpertParallelExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """``[T, H]`` -> ``[T, H]``: the weighted sum of each token's top-k experts, wherever they live."""
+        return self.finish(self.start(hidden_states, top_k_index, top_k_weights))
+
+    def start(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> tuple:
+        """Start the dispatch; other work may run before :meth:`finish`."""
         pending = start_dispatch(self.buffer, hidden_states, top_k_index.long(), top_k_weights, self.num_experts)
+        return pending, top_k_weights.dtype
+
+    def finish(self, started: tuple) -> torch.Tensor:
+        """Wait for the dispatch, run the local experts, combine; returns ``[T, H]``."""
+        pending, weights_dtype = started
         got = pending.wait()
         rows, slots, _, counts = expert_permutation(got.recv_topk_idx, self.num_local_experts)
         out_NH = torch.zeros_like(got.recv_x)
@@ -76,13 +89,53 @@ class ExpertParallelExperts(nn.Module):
             r = rows[start : start + count]
             gate, up = nn.functional.linear(got.recv_x[r], self.gate_up_proj[e]).chunk(2, dim=-1)
             h = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[e])
-            h = h * got.recv_topk_weights[r, slots[start : start + count], None].to(top_k_weights.dtype)
+            h = h * got.recv_topk_weights[r, slots[start : start + count], None].to(weights_dtype)
             out_NH = out_NH.index_add(0, r, h.to(out_NH.dtype))
             start += count
         return start_combine(self.buffer, out_NH, got.handle).wait()
 
 
-def shard_moe_experts(model: nn.Module, group: dist.ProcessGroup | None = None, *, backend: str = "auto", buffer: Buffer | None = None) -> nn.Module:
+def _qwen2_moe_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Qwen2-MoE block forward with the shared expert computed while the dispatch is in flight (same math)."""
+    batch_size, sequence_length, hidden_dim = hidden_states.shape
+    flat = hidden_states.view(-1, hidden_dim)
+    _, routing_weights, selected_experts = self.gate(flat)
+    started = self.experts.start(flat, selected_experts, routing_weights)
+    shared = self.shared_expert(flat)
+    expert_output = self.experts.finish(started)
+    shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+    return (expert_output + shared).reshape(batch_size, sequence_length, hidden_dim)
+
+
+def _deepseek_v3_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3 MoE forward with the shared experts computed while the dispatch is in flight (same math)."""
+    residuals = hidden_states
+    orig_shape = hidden_states.shape
+    _, topk_weights, topk_indices = self.gate(hidden_states)
+    started = self.experts.start(hidden_states.view(-1, hidden_states.shape[-1]), topk_indices, topk_weights)
+    shared = self.shared_experts(residuals)
+    return self.experts.finish(started).view(*orig_shape) + shared
+
+
+def _overlapped_forward(block: nn.Module):
+    """The shared-expert-overlapping forward for a known block layout, or ``None`` to keep the block's own."""
+    if not isinstance(getattr(block, "experts", None), ExpertParallelExperts) or not hasattr(block, "gate"):
+        return None
+    if hasattr(block, "shared_expert") and hasattr(block, "shared_expert_gate"):
+        return _qwen2_moe_forward
+    if hasattr(block, "shared_experts") and type(block).__name__.startswith("DeepseekV3"):
+        return _deepseek_v3_forward
+    return None
+
+
+def shard_moe_experts(
+    model: nn.Module,
+    group: dist.ProcessGroup | None = None,
+    *,
+    backend: str = "auto",
+    buffer: Buffer | None = None,
+    overlap_shared_experts: bool = True,
+) -> nn.Module:
     """Keep on each rank only its share of every MoE layer's experts and run them expert-parallel.
 
     Call it with the same (identically initialised or loaded) model on every rank of ``group``. Expert
@@ -96,6 +149,8 @@ def shard_moe_experts(model: nn.Module, group: dist.ProcessGroup | None = None, 
         group: the expert-parallel process group (default: the world).
         backend: the :class:`moe_comm.Buffer` backend (``"auto"``, ``"torch"``, ``"cuda"``).
         buffer: an existing Buffer to use instead of making one.
+        overlap_shared_experts: for blocks with shared experts (Qwen2-MoE, DeepSeek-V3), compute them while
+            the dispatch is in flight (the block's forward is replaced by one with the same arithmetic).
 
     Returns:
         ``model``, modified in place.
@@ -115,4 +170,7 @@ def shard_moe_experts(model: nn.Module, group: dist.ProcessGroup | None = None, 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, ExpertParallelExperts(module, buffer))
+        forward = _overlapped_forward(parent) if overlap_shared_experts else None
+        if forward is not None:
+            parent.forward = types.MethodType(forward, parent)
     return model
