@@ -63,6 +63,8 @@ def all_to_all_single(
     input_split_sizes: Sequence[int] | None = None,
     group: dist.ProcessGroup | None = None,
     async_op: bool = False,
+    *,
+    timeout_s: float | None = None,
 ) -> _Work | None:
     """Split ``input`` along dim 0, send split ``i`` to rank ``i``, and gather what each rank sends into ``output``.
 
@@ -72,6 +74,8 @@ def all_to_all_single(
         output_split_sizes / input_split_sizes: rows from / to each rank; ``None`` or empty = equal splits.
         group: process group (default: the world).
         async_op: return a work object to ``wait()`` on instead of completing now.
+        timeout_s: bound on the wait (default ``MOE_COMM_TIMEOUT_S``, 120 s); past it
+            :class:`moe_comm.CommTimeoutError` is raised naming this rank.
 
     Returns:
         A work object with ``wait()`` when ``async_op``, else ``None``.
@@ -82,7 +86,7 @@ def all_to_all_single(
         raise ValueError(f"output: expected dtype {input.dtype} and trailing shape {tuple(input.shape[1:])}, got {output.dtype} {tuple(output.shape[1:])}")
     out_rows = _rows(output_split_sizes, output.shape[0], world, "output_split_sizes")
     in_rows = _rows(input_split_sizes, input.shape[0], world, "input_split_sizes")
-    ctx = StepContext(group, dist.get_rank(group), "all_to_all_single", float(settings().timeout_s))
+    ctx = StepContext(group, dist.get_rank(group), "all_to_all_single", float(timeout_s if timeout_s is not None else settings().timeout_s))
     src = input.contiguous()
     if src.dim() == 1:
         src = src.unsqueeze(1)

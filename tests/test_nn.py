@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -133,3 +134,29 @@ def _check_all_to_all(dtype_name: str):
 def test_all_to_all_single_dtypes(pool):
     for name in ("float32", "bfloat16", "float8_e4m3fn", "int64"):
         assert all(pool.run(_check_all_to_all, name))
+
+
+def _all_to_all_missing_peer():
+    import time
+
+    from moe_comm import CommTimeoutError
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank != 0:
+        time.sleep(3.0)  # never joins
+        return None
+    start = time.monotonic()
+    try:
+        all_to_all_single(torch.empty(world), torch.zeros(world), timeout_s=1.0)
+    except CommTimeoutError as exc:
+        return str(exc), time.monotonic() - start
+    return "no error", 0.0
+
+
+def test_all_to_all_single_never_waits_forever(pool):
+    # Last in the module: the abandoned collective leaves this pool's group unusable.
+    if pool.world_size == 1:
+        pytest.skip("a world of one has no peer to miss")
+    message, elapsed = pool.run(_all_to_all_missing_peer, timeout_s=60)[0]
+    assert "rank 0" in message and "all_to_all_single" in message, message
+    assert 0.9 <= elapsed < 10.0
