@@ -90,7 +90,9 @@ class GroupedExperts(nn.Module):
         """
         num_pairs, hidden = x_PH.shape
         if num_pairs == 0:
-            return x_PH.new_zeros(0, self.w2.shape[2]) + 0 * self.w2.sum()
+            # Keep every weight in the graph (zero gradients) so ranks that received nothing still backprop.
+            anchor = sum(w.sum() for w in (self.w1, self.w2, self.w3) if w is not None)
+            return x_PH.new_zeros(0, self.w2.shape[2]) + 0 * anchor
         counts = counts_E.to(x_PH.device)
         starts = torch.cumsum(counts, 0) - counts
         experts = torch.repeat_interleave(torch.arange(self.num_local_experts, device=x_PH.device), counts)
