@@ -309,10 +309,14 @@ def split_stages(full: Stage, num_stages: int) -> list[Stage]:
 
 
 def _dualpipev():
+    """``dualpipe.DualPipeV`` (the pipeline runtime), or ``None`` where this checkout lacks it."""
     try:
         from dualpipe import DualPipeV  # type: ignore[attr-defined]
     except ImportError:
-        return None
+        try:
+            from dualpipe.modules import DualPipeV  # type: ignore[import-not-found]
+        except ImportError:
+            return None
     return DualPipeV
 
 
