@@ -136,6 +136,31 @@ def test_all_to_all_single_dtypes(pool):
         assert all(pool.run(_check_all_to_all, name))
 
 
+def _two_micro_batches_in_flight():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    experts = GroupedExperts(E // world, H, F, dtype=torch.float64)
+    moe = ExpertParallelMoE(experts, E, backend="torch")
+    xs, idxs, ws = _global_inputs(world, 11)
+    x0, x1 = xs[rank], xs[rank].flip(0).contiguous()
+    i0, i1 = idxs[rank], idxs[rank].flip(0).contiguous()
+    w0, w1 = ws[rank], ws[rank].flip(0).contiguous()
+    # Two dispatches in flight at once, then two combines: what a micro-batch scheduler does.
+    p0, p1 = moe.dispatch_async(x0, i0, w0), moe.dispatch_async(x1, i1, w1)
+    d0 = p0.wait()
+    c0 = moe.combine_async(d0, moe.compute_experts(d0))
+    d1 = p1.wait()
+    c1 = moe.combine_async(d1, moe.compute_experts(d1))
+    y0, y1 = c0.wait(), c1.wait()
+    assert torch.allclose(y0, moe(x0, i0, w0), rtol=1e-12, atol=0)
+    assert torch.allclose(y1, moe(x1, i1, w1), rtol=1e-12, atol=0)
+    return True
+
+
+def test_two_micro_batches_in_flight(pool):
+    assert all(pool.run(_two_micro_batches_in_flight))
+
+
 def _all_to_all_missing_peer():
     import time
 
