@@ -13,12 +13,19 @@ Example::
     result = simulate(plan, Costs(F=1, B=2, W=1, FB=3))       # result.max_bubble == 6 (= (8/2-1)(3+2-3))
 """
 
+from dualpipe.executor import WeightGradStore
 from dualpipe.ir import Action, Kind, Schedule, ScheduleError, Topology
+from dualpipe.pipeline import DualPipe, DualPipeV, PipelineRunner
 from dualpipe.schedules import SCHEDULES, dualpipe, dualpipev, generate, one_f_one_b, zb1p
 from dualpipe.simulate import Costs, Event, SimResult, simulate
 from dualpipe.validate import check_counts, check_p2p_fifo, lower_to_p2p, validate
 
 __all__ = [
+    # runtime
+    "DualPipe",
+    "DualPipeV",
+    "PipelineRunner",
+    "WeightGradStore",
     # entry points
     "generate",
     "validate",

@@ -1,0 +1,437 @@
+"""Run one rank's share of a :class:`~dualpipe.ir.Schedule`: the executor behind every pipeline module.
+
+The executor walks the rank's lowered action list (:func:`dualpipe.validate.lower_to_p2p`) in order:
+
+- ``F``: run the stage module on its input (the chain's input chunk on a chain's first stage, else the
+  received activation); the last stage of a chain applies the criterion to get the micro-batch's loss.
+- ``B``: full backward of the stage (from the loss, or from the received output gradient).
+- ``I``: input-gradient backward only (``torch.autograd.grad`` with the graph kept); ``W``: the deferred
+  weight-gradient backward of the same graph (``torch.autograd.backward(..., inputs=parameters)``), plus
+  any closures the model queued in this step's :class:`WeightGradStore`.
+- ``OVERLAP_F_B``: the model's ``overlapped_forward_backward`` hook when the stage module's class defines
+  it (DeepSeek's signature), otherwise the forward then the backward.
+- ``SEND_*``/``RECV_*``: point-to-point transfers. Every message is a small int64 header (tensor count,
+  then per tensor its dtype and shape) followed by the tensors, so micro-batches may differ in shape
+  (variable sequence length) with no global shape list. Sends are asynchronous and waited at the end of
+  the step; receives block, bounded by the timeout. Ranks post messages in the plan's order, which the
+  validator proved consistent with per-peer FIFO matching (NCCL matches same-peer messages in order).
+
+A failure inside an action re-raises with the schedule's rank x step grid, the failing step marked.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dualpipe.ir import Action, Kind, Schedule, ScheduleError
+from dualpipe.validate import lower_to_p2p
+
+__all__ = ["Executor", "StepInputs", "WeightGradStore"]
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.uint8]
+_MAX_DIMS = 8
+_active_store: contextvars.ContextVar[WeightGradStore | None] = contextvars.ContextVar("dualpipe_weight_grad_store", default=None)
+
+
+class WeightGradStore:
+    """Deferred weight-gradient closures, scoped to one pipeline object (no state shared between models).
+
+    Compatible with DeepSeek's class-level interface: a model's backward may check
+    ``WeightGradStore.enabled`` and call ``WeightGradStore.put(fn)``; these class methods reach the store of
+    the pipeline step that is running (a context variable), so two models never see each other's closures.
+    ``W`` actions run the closures queued by the matching ``I``.
+    """
+
+    def __init__(self) -> None:
+        self._queue: list[list[Callable[[], None]]] = []
+        self._pending: list[Callable[[], None]] = []
+        self._enabled = False
+
+    # --- DeepSeek-compatible class-level facade --------------------------------------------------
+    @classmethod
+    def _current(cls) -> WeightGradStore | None:
+        return _active_store.get()
+
+    @classmethod
+    def is_enabled(cls) -> bool:
+        store = cls._current()
+        return bool(store is not None and store._enabled)
+
+    @classmethod
+    def put(cls, fn: Callable[[], None]) -> None:
+        """Queue ``fn`` (a weight-gradient computation) for the running step's next ``W``."""
+        store = cls._current()
+        if store is None or not store._enabled:
+            fn()  # no split backward running: compute the weight gradient now
+            return
+        store._pending.append(fn)
+
+    # --- used by the executor ----------------------------------------------------------------------
+    def begin_input_backward(self) -> None:
+        self._enabled = True
+
+    def end_input_backward(self) -> None:
+        self._enabled = False
+        self._queue.append(self._pending)
+        self._pending = []
+
+    def pop(self) -> None:
+        """Run the closures of the oldest input-gradient backward."""
+        if self._queue:
+            for fn in self._queue.pop(0):
+                fn()
+
+    def clear(self) -> None:
+        self._queue.clear()
+        self._pending.clear()
+        self._enabled = False
+
+
+class _EnabledDescriptor:
+    def __get__(self, obj: object, owner: type) -> bool:
+        return WeightGradStore.is_enabled()
+
+
+WeightGradStore.enabled = _EnabledDescriptor()  # type: ignore[attr-defined]
+
+
+@dataclass
+class StepInputs:
+    """What one rank feeds a step.
+
+    Attributes:
+        chunks: per chain whose first stage is on this rank, its micro-batch inputs (each a tuple of tensors).
+        labels: per chain whose last stage is on this rank, its micro-batch labels (each a tuple of tensors).
+        criterion: ``criterion(*outputs, *labels) -> scalar loss``, used on chains' last stages.
+    """
+
+    chunks: dict[int, list[tuple[torch.Tensor, ...]]] = field(default_factory=dict)
+    labels: dict[int, list[tuple[torch.Tensor, ...]]] = field(default_factory=dict)
+    criterion: Callable[..., torch.Tensor] | None = None
+
+
+@dataclass
+class _Slot:
+    """Per (stage, micro-batch) state between its forward and its backward."""
+
+    microbatch: int = -1
+    inputs: tuple[torch.Tensor, ...] = ()
+    outputs: tuple[torch.Tensor, ...] = ()
+    loss: torch.Tensor | None = None
+    output_grads: tuple[torch.Tensor | None, ...] | None = None
+    input_grads: tuple[torch.Tensor | None, ...] = ()
+    weight_pending: bool = False
+
+
+def _as_tuple(value: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    return tuple(value)
+
+
+class Executor:
+    """Runs one rank's lowered plan over ``stage_modules`` and ``group``.
+
+    Args:
+        schedule: the whole plan (every rank's actions); it is lowered here.
+        rank: this process's pipeline rank (index into the plan).
+        stage_modules: stage id -> module for every stage this rank holds.
+        group: process group of the pipeline ranks; ``peer_ranks[r]`` maps plan rank r to a rank of ``group``.
+        timeout_s: bound on every receive.
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        rank: int,
+        stage_modules: dict[int, nn.Module],
+        group: dist.ProcessGroup | None,
+        peer_ranks: Sequence[int],
+        timeout_s: float = 300.0,
+    ) -> None:
+        self.schedule = schedule
+        self.lowered = lower_to_p2p(schedule) if schedule.topology.num_ranks > 1 else schedule
+        self.rank = rank
+        self.topology = schedule.topology
+        self.stage_modules = stage_modules
+        self.group = group
+        self.peer_ranks = list(peer_ranks)
+        self.timeout_s = timeout_s
+        self.store = WeightGradStore()
+        self._device = next((p.device for m in stage_modules.values() for p in m.parameters()), torch.device("cpu"))
+
+    # ----------------------------------------------------------------------------------------------
+    def run(self, inputs: StepInputs, *, forward_only: bool = False) -> tuple[dict[int, list[torch.Tensor]], dict[int, list[tuple[torch.Tensor, ...]]]]:
+        """Execute this rank's actions.
+
+        Returns:
+            ``(losses, outputs)``: per chain whose last stage is here, the detached per-micro-batch losses
+            (when a criterion was given) and the detached last-stage outputs.
+        """
+        self._slots: dict[tuple[int, int], _Slot] = {}
+        self._inputs = inputs
+        self._sends: list[tuple[dist.Work, tuple[torch.Tensor, ...]]] = []
+        self._losses: dict[int, dict[int, torch.Tensor]] = {}
+        self._outputs: dict[int, dict[int, tuple[torch.Tensor, ...]]] = {}
+        self.store.clear()
+        token = _active_store.set(self.store)
+        actions = self.lowered.ranks[self.rank]
+        try:
+            for step, action in enumerate(actions):
+                try:
+                    self._run_action(action, forward_only)
+                except ScheduleError:
+                    raise
+                except Exception as exc:
+                    raise RuntimeError(
+                        f"dualpipe rank {self.rank}: action {action} (step {step}) failed: {type(exc).__name__}: {exc}\n"
+                        + self.lowered.format_grid(mark=(self.rank, step))
+                    ) from exc
+            self._wait_sends()
+        finally:
+            _active_store.reset(token)
+        losses = {c: [v[mb] for mb in sorted(v)] for c, v in self._losses.items()}
+        outputs = {c: [v[mb] for mb in sorted(v)] for c, v in self._outputs.items()}
+        return losses, outputs
+
+    # ----------------------------------------------------------------------------------------------
+    def _slot(self, stage: int, mb: int) -> _Slot:
+        return self._slots.setdefault((stage, mb), _Slot(microbatch=mb))
+
+    @staticmethod
+    def _mb_of(slot: _Slot) -> int:
+        return slot.microbatch
+
+    def _run_action(self, action: Action, forward_only: bool) -> None:
+        kind = action.kind
+        if kind is Kind.OVERLAP_F_B:
+            fwd, bwd = action.sub_actions
+            if forward_only:
+                self._forward(fwd)
+            elif bwd.kind is Kind.B and self._has_overlap_hook(fwd, bwd):
+                self._overlapped(fwd, bwd)
+            else:
+                self._forward(fwd)
+                self._backward(bwd)
+            return
+        if kind is Kind.F:
+            self._forward(action)
+        elif kind in (Kind.B, Kind.I, Kind.W):
+            if not forward_only:
+                self._backward(action)
+        elif kind is Kind.SEND_F:
+            self._send(self.topology.next_stage(action.stage), self._slot(action.stage, action.microbatch).outputs)
+        elif kind is Kind.RECV_F:
+            received = self._recv(self.topology.prev_stage(action.stage))
+            self._slot(action.stage, action.microbatch).inputs = tuple(
+                t.requires_grad_(t.is_floating_point() and not forward_only) for t in received
+            )
+        elif kind is Kind.SEND_B:
+            if not forward_only:
+                self._send(self.topology.prev_stage(action.stage), self._slot(action.stage, action.microbatch).input_grads)
+        elif kind is Kind.RECV_B:
+            if not forward_only:
+                self._slot(action.stage, action.microbatch).output_grads = self._recv(self.topology.next_stage(action.stage))
+        else:  # pragma: no cover - every kind is handled above
+            raise AssertionError(kind)
+
+    # --- compute -----------------------------------------------------------------------------------
+    def _is_first(self, stage: int) -> bool:
+        return self.topology.prev_stage(stage) is None
+
+    def _is_last(self, stage: int) -> bool:
+        return self.topology.next_stage(stage) is None
+
+    def _forward(self, action: Action) -> None:
+        stage, mb = action.stage, action.microbatch
+        assert mb is not None
+        slot = self._slot(stage, mb)
+        chain = self.topology.chain_of(stage)
+        self._fill_inputs(slot, stage, mb, chain)
+        outputs = _as_tuple(self.stage_modules[stage](*slot.inputs))
+        slot.outputs = outputs
+        if self._is_last(stage):
+            self._outputs.setdefault(chain, {})[mb] = tuple(o.detach() for o in outputs)
+            if self._inputs.criterion is not None:
+                labels = self._inputs.labels.get(chain)
+                slot.loss = self._inputs.criterion(*outputs, *(labels[mb] if labels else ()))
+                self._losses.setdefault(chain, {})[mb] = slot.loss.detach()
+
+    def _local(self, stage: int | None) -> bool:
+        """Whether ``stage`` is held by this rank (its tensors pass without p2p)."""
+        return stage is not None and self.topology.rank_of(stage) == self.rank
+
+    def _fill_inputs(self, slot: _Slot, stage: int, mb: int, chain: int) -> None:
+        prev = self.topology.prev_stage(stage)
+        if prev is None:
+            slot.inputs = self._inputs.chunks[chain][mb]
+        elif self._local(prev):
+            grad = torch.is_grad_enabled()
+            slot.inputs = tuple(o.detach().requires_grad_(grad and o.is_floating_point()) for o in self._slot(prev, mb).outputs)
+
+    def _backward_roots(self, slot: _Slot, stage: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        if self._is_last(stage):
+            if slot.loss is None:
+                raise ValueError("a backward on the last stage needs a loss: pass criterion= to step()")
+            return [slot.loss], [None]
+        nxt = self.topology.next_stage(stage)
+        if slot.output_grads is None and self._local(nxt):
+            slot.output_grads = self._slot(nxt, self._mb_of(slot)).input_grads
+        assert slot.output_grads is not None, "the output gradient was never received"
+        pairs = [(o, g) for o, g in zip(slot.outputs, slot.output_grads) if o.requires_grad and g is not None]
+        return [o for o, _ in pairs], [g for _, g in pairs]
+
+    def _grad_inputs(self, slot: _Slot, stage: int) -> list[torch.Tensor]:
+        if self._is_first(stage):
+            return []
+        return [t for t in slot.inputs if t.requires_grad]
+
+    def _backward(self, action: Action) -> None:
+        stage, mb = action.stage, action.microbatch
+        assert mb is not None
+        slot = self._slot(stage, mb)
+        if action.kind is Kind.W:
+            self._weight_backward(slot, stage)
+            return
+        roots, grads = self._backward_roots(slot, stage)
+        wrt = self._grad_inputs(slot, stage)
+        if action.kind is Kind.B:
+            torch.autograd.backward(roots, grads)
+            slot.input_grads = tuple(t.grad for t in slot.inputs) if wrt else ()
+            self._release(slot, keep_for_weights=False)
+            return
+        # I: input gradients now, weight gradients at the matching W (the graph is kept until then).
+        self.store.begin_input_backward()
+        try:
+            computed = torch.autograd.grad(roots, wrt, grads, retain_graph=True, allow_unused=True) if wrt else ()
+        finally:
+            self.store.end_input_backward()
+        by_id = {id(t): g for t, g in zip(wrt, computed)}
+        slot.input_grads = tuple(by_id.get(id(t)) for t in slot.inputs) if wrt else ()
+        slot.weight_pending = True
+
+    def _weight_backward(self, slot: _Slot, stage: int) -> None:
+        if not slot.weight_pending:
+            raise RuntimeError("W ran before its I")
+        params = [p for p in self.stage_modules[stage].parameters() if p.requires_grad]
+        roots, grads = self._backward_roots(slot, stage)
+        if params and roots:
+            torch.autograd.backward(roots, grads, inputs=params)
+        self.store.pop()
+        self._release(slot, keep_for_weights=False)
+
+    @staticmethod
+    def _release(slot: _Slot, keep_for_weights: bool) -> None:
+        if not keep_for_weights:
+            slot.outputs = ()
+            slot.loss = None
+            slot.output_grads = None
+            slot.inputs = ()
+
+    def _has_overlap_hook(self, fwd: Action, bwd: Action) -> bool:
+        module0 = self.stage_modules[fwd.stage]
+        return callable(getattr(type(module0), "overlapped_forward_backward", None))
+
+    def _overlapped(self, fwd: Action, bwd: Action) -> None:
+        """DeepSeek's hook: ``overlapped_forward_backward(module0, inputs0, criterion0, labels0, module1, loss1,
+        outputs1, output_grads1) -> (outputs0, loss0)`` runs F of ``fwd`` and B of ``bwd`` interleaved."""
+        f_stage, f_mb = fwd.stage, fwd.microbatch
+        b_stage, b_mb = bwd.stage, bwd.microbatch
+        assert f_mb is not None and b_mb is not None
+        f_slot, b_slot = self._slot(f_stage, f_mb), self._slot(b_stage, b_mb)
+        f_chain = self.topology.chain_of(f_stage)
+        self._fill_inputs(f_slot, f_stage, f_mb, f_chain)
+        criterion0 = labels0 = None
+        if self._is_last(f_stage):
+            criterion0 = self._inputs.criterion
+            labels = self._inputs.labels.get(f_chain)
+            labels0 = labels[f_mb] if labels else ()
+        if self._is_last(b_stage):
+            loss1, outputs1, grads1 = b_slot.loss, None, None
+        else:
+            roots, grads = self._backward_roots(b_slot, b_stage)
+            loss1, outputs1, grads1 = None, roots, grads
+        module0, module1 = self.stage_modules[f_stage], self.stage_modules[b_stage]
+        outputs0, loss0 = type(module0).overlapped_forward_backward(
+            module0, f_slot.inputs, criterion0, labels0, module1, loss1, outputs1, grads1
+        )
+        f_slot.outputs = _as_tuple(outputs0)
+        if self._is_last(f_stage):
+            self._outputs.setdefault(f_chain, {})[f_mb] = tuple(o.detach() for o in f_slot.outputs)
+            if loss0 is not None:
+                f_slot.loss = loss0
+                self._losses.setdefault(f_chain, {})[f_mb] = loss0.detach()
+        b_slot.input_grads = tuple(t.grad for t in b_slot.inputs) if self._grad_inputs(b_slot, b_stage) else ()
+        self._release(b_slot, keep_for_weights=False)
+
+    # --- point to point ----------------------------------------------------------------------------
+    def _peer(self, stage: int | None) -> int:
+        assert stage is not None
+        return self.peer_ranks[self.topology.rank_of(stage)]
+
+    def _send(self, stage: int | None, tensors: Sequence[torch.Tensor | None]) -> None:
+        peer = self._peer(stage)
+        present = [t for t in tensors]
+        header = torch.full((1 + len(present) * (2 + _MAX_DIMS),), -1, dtype=torch.int64)
+        header[0] = len(present)
+        for i, t in enumerate(present):
+            base = 1 + i * (2 + _MAX_DIMS)
+            if t is None:
+                continue
+            if t.dim() > _MAX_DIMS:
+                raise ValueError(f"pipeline tensors may have at most {_MAX_DIMS} dimensions, got {t.dim()}")
+            header[base] = _DTYPES.index(t.dtype)
+            header[base + 1] = t.dim()
+            header[base + 2 : base + 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+        count = torch.tensor([header.numel()], dtype=torch.int64)
+        payload = [count.to(self._device), header.to(self._device)] + [t.detach().contiguous() for t in present if t is not None]
+        for tensor in payload:
+            self._sends.append((dist.isend(tensor, peer, group=self.group), (tensor,)))
+
+    def _wait(self, work: dist.Work, what: str) -> None:
+        if self._device.type == "cuda":
+            deadline = time.monotonic() + self.timeout_s
+            while not work.is_completed():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"dualpipe rank {self.rank}: timed out after {self.timeout_s:g} s waiting for {what}")
+                time.sleep(20e-6)
+            work.wait()
+            return
+        try:
+            work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+        except RuntimeError as exc:
+            raise TimeoutError(f"dualpipe rank {self.rank}: timed out after {self.timeout_s:g} s waiting for {what}: {exc}") from exc
+
+    def _recv_one(self, tensor: torch.Tensor, peer: int, what: str) -> torch.Tensor:
+        self._wait(dist.irecv(tensor, peer, group=self.group), what)
+        return tensor
+
+    def _recv(self, stage: int | None) -> tuple[torch.Tensor, ...]:
+        peer = self._peer(stage)
+        what = f"a tensor from pipeline rank {self.topology.rank_of(stage)} (stage {stage})"  # type: ignore[arg-type]
+        count = int(self._recv_one(torch.empty(1, dtype=torch.int64, device=self._device), peer, what).item())
+        header = self._recv_one(torch.empty(count, dtype=torch.int64, device=self._device), peer, what).cpu()
+        tensors: list[torch.Tensor] = []
+        for i in range(int(header[0])):
+            base = 1 + i * (2 + _MAX_DIMS)
+            code = int(header[base])
+            if code < 0:
+                tensors.append(None)  # type: ignore[arg-type]
+                continue
+            shape = header[base + 2 : base + 2 + int(header[base + 1])].tolist()
+            tensors.append(self._recv_one(torch.empty(shape, dtype=_DTYPES[code], device=self._device), peer, what))
+        return tuple(tensors)
+
+    def _wait_sends(self) -> None:
+        for work, _keep in self._sends:
+            self._wait(work, "a send to complete")
+        self._sends.clear()
