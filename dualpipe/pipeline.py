@@ -104,7 +104,8 @@ class PipelineRunner(nn.Module):
         mine = torch.tensor([[num_chunks, code, int(forward_only)]], dtype=torch.int64)
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
         table = torch.empty(self.num_ranks, 3, dtype=torch.int64, device=device)
-        work = dist.all_gather_into_tensor(table, mine.to(device), group=self.group, async_op=True)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        work = gather(table, mine.to(device), group=self.group, async_op=True)
         if device.type == "cuda":
             work.wait()
         else:
