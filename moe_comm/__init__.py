@@ -1,9 +1,12 @@
 """moe_comm: expert-parallel token dispatch and combine for Mixture-of-Experts models.
 
-Entry points: :class:`Buffer` (dispatch/combine), :func:`available_backends`,
-:mod:`moe_comm.functional` (autograd), :mod:`moe_comm.launch` (torchrun/mpirun/spawn).
+Entry points: :class:`Buffer` (dispatch/combine), :func:`all_to_all_single` (drop-in for torch's),
+:func:`available_backends`, :mod:`moe_comm.functional` (autograd), :mod:`moe_comm.nn` (MoE layer),
+:mod:`moe_comm.integrations.transformers`, :mod:`moe_comm.launch` (torchrun/mpirun/spawn),
+:mod:`moe_comm.model` (cost model), :mod:`moe_comm.doctor`, :mod:`moe_comm.bench`.
 """
 
+from moe_comm.alltoall import all_to_all_single
 from moe_comm.backends.registry import available_backends
 from moe_comm.buffer import Buffer
 from moe_comm.errors import CommTimeoutError, PeerArgumentError
@@ -24,6 +27,7 @@ __version__ = "0.1.0"
 # Entry points first, then the typed results they return.
 __all__ = [
     "Buffer",
+    "all_to_all_single",
     "available_backends",
     "CommTimeoutError",
     "PeerArgumentError",
