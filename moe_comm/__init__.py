@@ -11,6 +11,7 @@ from moe_comm.backends.registry import available_backends
 from moe_comm.buffer import Buffer
 from moe_comm.errors import CommTimeoutError, PeerArgumentError
 from moe_comm.events import EventOverlap
+from moe_comm.nn import ExpertParallelMoE, GroupedExperts
 from moe_comm.types import (
     CombineResult,
     Config,
@@ -29,6 +30,8 @@ __all__ = [
     "Buffer",
     "all_to_all_single",
     "available_backends",
+    "ExpertParallelMoE",
+    "GroupedExperts",
     "CommTimeoutError",
     "PeerArgumentError",
     "EventOverlap",

@@ -72,7 +72,8 @@ def _extension() -> list[Check]:
 
 def _gpus() -> list[Check]:
     if not torch.cuda.is_available():
-        return [Check("GPUs", "skip", "no CUDA device visible", "none needed for the portable backend on CPU")]
+        return [Check("GPUs", "skip", "no CUDA device visible", "none needed for the portable backend on CPU"),
+                Check("CUDA IPC", "skip", "no CUDA device visible")]
     count = torch.cuda.device_count()
     names = ", ".join(torch.cuda.get_device_name(i) for i in range(count))
     checks = [Check("GPUs", "ok", f"{count}: {names}")]
@@ -83,6 +84,13 @@ def _gpus() -> list[Check]:
                             "" if not missing else "check NVLink/PCIe topology (nvidia-smi topo -m) and IOMMU/ACS settings"))
     else:
         checks.append(Check("peer-to-peer access", "skip", "one GPU: the CUDA backend runs several ranks on it (single-GPU mode)"))
+    try:
+        # What torch.multiprocessing does to share a CUDA tensor: export a CUDA IPC handle of its memory.
+        torch.empty(1024, device="cuda").untyped_storage()._share_cuda_()
+        checks.append(Check("CUDA IPC", "ok", "IPC memory handles can be exported (needed by the cuda backend)"))
+    except Exception as exc:  # noqa: BLE001 - the report says why
+        checks.append(Check("CUDA IPC", "fail", f"cannot export an IPC handle: {type(exc).__name__}: {exc}",
+                            "CUDA IPC is unavailable under MIG, some containers (add --ipc=host) and WSL; use backend='torch'"))
     try:
         import pynvml  # type: ignore[import-not-found]
 
