@@ -1,0 +1,17 @@
+// Host-side launchers implemented in csrc/kernels/*.cu, called by the bindings.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace moe_comm {
+
+// topk_idx [T, K] int64 (-1 = none) -> num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32,
+// is_token_in_rank [T, R] bool. Outputs need not be zeroed. Grid bounded by num_sms.
+void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts,
+                                int num_ranks, int* num_tokens_per_rank, int* num_tokens_per_expert,
+                                bool* is_token_in_rank, int num_sms, cudaStream_t stream);
+
+// Plain device copy restricted to num_sms blocks (bench baseline).
+void launch_sm_copy(void* dst, const void* src, size_t bytes, int num_sms, cudaStream_t stream);
+
+}  // namespace moe_comm

@@ -1,0 +1,29 @@
+#include <algorithm>
+#include "../include/api.cuh"
+#include "../include/exception.cuh"
+
+namespace moe_comm {
+namespace {
+
+// 16-byte vectorised grid-stride copy; tail handled bytewise.
+__global__ void sm_copy_kernel(uint8_t* __restrict__ dst, const uint8_t* __restrict__ src, size_t bytes) {
+  const size_t n16 = bytes / 16;
+  const int4* s = reinterpret_cast<const int4*>(src);
+  int4* d = reinterpret_cast<int4*>(dst);
+  const size_t stride = size_t(gridDim.x) * blockDim.x;
+  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n16; i += stride) d[i] = s[i];
+  for (size_t i = n16 * 16 + size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < bytes; i += stride) dst[i] = src[i];
+}
+
+}  // namespace
+
+void launch_sm_copy(void* dst, const void* src, size_t bytes, int num_sms, cudaStream_t stream) {
+  MC_CHECK(num_sms >= 1, "num_sms must be >= 1");
+  MC_CHECK((reinterpret_cast<uintptr_t>(dst) % 16) == 0 && (reinterpret_cast<uintptr_t>(src) % 16) == 0,
+           "dst and src must be 16-byte aligned");
+  if (bytes == 0) return;
+  sm_copy_kernel<<<num_sms, 512, 0, stream>>>(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), bytes);
+  MC_LAUNCH_CHECK();
+}
+
+}  // namespace moe_comm

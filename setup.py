@@ -1,0 +1,97 @@
+"""Build ``moe_comm._C`` from csrc/ with nvcc + pybind11 when nvcc is found; otherwise install pure Python.
+
+Environment:
+    MOE_COMM_CUDA_ARCHS: semicolon/comma separated SM versions (default "90" -> sm_90).
+    MOE_COMM_SKIP_CUDA=1: skip the extension even when nvcc exists (and tolerate a failing build).
+    CUDA_HOME / CUDA_PATH: where CUDA lives (else found from nvcc on PATH).
+A present nvcc whose compilation fails FAILS the install, so broken CUDA code is caught in CI.
+The CUDA runtime is linked statically, so importing on a CPU-only machine works. torch is not needed here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+def _cuda_home() -> Path | None:
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var) and (Path(os.environ[var]) / "bin" / "nvcc").exists():
+            return Path(os.environ[var])
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return Path(nvcc).resolve().parent.parent
+    if Path("/usr/local/cuda/bin/nvcc").exists():
+        return Path("/usr/local/cuda")
+    return None
+
+
+def _archs() -> list[str]:
+    raw = os.environ.get("MOE_COMM_CUDA_ARCHS", "90")
+    archs = [a.strip().replace("sm_", "").replace(".", "") for a in raw.replace(",", ";").split(";") if a.strip()]
+    for a in archs:
+        if not a.rstrip("a").isdigit():
+            raise SystemExit(f"MOE_COMM_CUDA_ARCHS: bad architecture {a!r} (expected e.g. 90 or 90a)")
+    return archs
+
+
+class NvccBuildExt(build_ext):
+    """Compile .cu with nvcc, .cpp with nvcc as host compiler driver, link with nvcc (static cudart)."""
+
+    def build_extension(self, ext: Extension) -> None:
+        import pybind11
+
+        cuda = _cuda_home()
+        nvcc = str(cuda / "bin" / "nvcc")
+        archs = _archs()
+        gencode: list[str] = []
+        for a in archs:
+            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]  # PTX for newer GPUs
+        includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC / 'include'}"]
+        common = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+                  f"-DMOE_COMM_ARCHS=\"{';'.join('sm_' + a for a in archs)}\""]
+        build_tmp = Path(self.build_temp) / "moe_comm_C"
+        build_tmp.mkdir(parents=True, exist_ok=True)
+        objects = []
+        for src in ext.sources:
+            obj = build_tmp / (Path(src).stem + Path(src).suffix.replace(".", "_") + ".o")
+            cmd = [nvcc, "-c", str(src), "-o", str(obj), *common, *includes]
+            if src.endswith(".cu"):
+                cmd += [*gencode, "--expt-relaxed-constexpr", "-lineinfo"]
+            else:
+                cmd += ["-x", "c++"]
+            print(" ".join(cmd), flush=True)
+            subprocess.check_call(cmd)
+            objects.append(str(obj))
+        out = Path(self.get_ext_fullpath(ext.name))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        link = [nvcc, "-shared", "-o", str(out), *objects, *gencode, "-cudart", "static",
+                f"-L{cuda / 'lib64'}", "-lrt", "-lpthread", "-ldl"]
+        print(" ".join(link), flush=True)
+        subprocess.check_call(link)
+
+
+def _extensions() -> tuple[list[Extension], dict]:
+    if os.environ.get("MOE_COMM_SKIP_CUDA") == "1":
+        print("moe_comm: MOE_COMM_SKIP_CUDA=1, installing pure Python", file=sys.stderr)
+        return [], {}
+    if _cuda_home() is None:
+        print("moe_comm: nvcc not found, installing pure Python (portable torch backend only)", file=sys.stderr)
+        return [], {}
+    sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*") if p.suffix in (".cu", ".cpp"))
+    return [Extension("moe_comm._C", sources=sources)], {"build_ext": NvccBuildExt}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
