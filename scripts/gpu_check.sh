@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One command for the GPU machine: build, GPU tests, sanitizers, CUDA bench; logs + summary under OUTDIR.
+# Usage: scripts/gpu_check.sh OUTDIR      (python3 on PATH, no venv, no network; total < 9 minutes)
+# Writes at most 8 files directly in OUTDIR: build.log tests.log junit.xml sanitizer.log bench.log
+# bench_cuda.json (+ bench_cuda.png) summary.json
+set -u
+OUT="${1:?usage: scripts/gpu_check.sh OUTDIR}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+export MOE_COMM_CUDA_ARCHS="${MOE_COMM_CUDA_ARCHS:-90}"
+declare -A RC
+START=$(date +%s)
+
+step() {  # step NAME LIMIT_S LOGFILE CMD...
+  local name="$1" limit="$2" log="$3"; shift 3
+  local t0=$(date +%s)
+  echo "=== $name ($(date -u +%H:%M:%S)) ===" | tee -a "$log"
+  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+  RC[$name]=$?
+  echo "=== $name rc=${RC[$name]} in $(( $(date +%s) - t0 ))s ===" | tee -a "$log"
+}
+
+step nvidia_smi 20 "$OUT/build.log" nvidia-smi
+step build 240 "$OUT/build.log" "$PY" setup.py build_ext --inplace
+step import 60 "$OUT/build.log" "$PY" -c "import moe_comm._C as C; print(C.compiled_architectures(), C.device_status()); from moe_comm.backends.registry import available_backends; print(available_backends())"
+step pytest_gpu 150 "$OUT/tests.log" "$PY" -m pytest -q -x --junitxml="$OUT/junit.xml" tests/gpu tests/test_cuda_build.py
+SAN="import torch; from moe_comm.backends import cuda as cb; i=torch.randint(0,64,(300,6),device='cuda'); cb.cuda_dispatch_layout(i,64,4,4); s=torch.arange(4096,dtype=torch.uint8,device='cuda'); d=torch.empty_like(s); cb.sm_copy(d,s,4); torch.cuda.synchronize(); assert torch.equal(d,s); print('ok')"
+if command -v compute-sanitizer >/dev/null; then
+  step memcheck 60 "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -c "$SAN"
+  step racecheck 60 "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --error-exitcode 3 "$PY" -c "$SAN"
+else
+  echo "compute-sanitizer not found" >>"$OUT/sanitizer.log"; RC[memcheck]=127; RC[racecheck]=127
+fi
+step bench 150 "$OUT/bench.log" "$PY" -m moe_comm.bench --suite cuda --json "$OUT/bench_cuda.json" --warmup 2 --iters 5
+
+"$PY" - "$OUT" "$(( $(date +%s) - START ))" <<PYEOF
+import json, sys
+out, secs = sys.argv[1], int(sys.argv[2])
+rc = {$(for k in "${!RC[@]}"; do printf '"%s": %s, ' "$k" "${RC[$k]}"; done)}
+json.dump({"steps_rc": rc, "all_ok": all(v == 0 for v in rc.values()), "total_s": secs}, open(f"{out}/summary.json", "w"), indent=2)
+print(json.dumps(rc))
+PYEOF
