@@ -6,6 +6,7 @@
 #include "../include/api.cuh"
 #include "../include/exception.cuh"
 #include "../include/layout.cuh"
+#include "../include/ptx.cuh"
 
 namespace py = pybind11;
 using namespace moe_comm;
@@ -79,4 +80,14 @@ PYBIND11_MODULE(_C, m) {
         launch_sm_copy(as_ptr<void>(dst, "dst"), as_ptr<const void>(src, "src"), bytes, num_sms, as_stream(stream));
       },
       py::arg("dst"), py::arg("src"), py::arg("bytes"), py::arg("num_sms"), py::arg("stream"));
+  m.def("timeout_record_bytes", []() { return sizeof(TimeoutRecord); });
+  m.def(
+      "barrier",
+      [](uint64_t counters_table, int rank, int num_ranks, int epoch, long long timeout_cycles, uint64_t err_record,
+         uint64_t stream) {
+        launch_barrier(as_ptr<int* const>(counters_table, "counters_table"), rank, num_ranks, epoch, timeout_cycles,
+                       as_ptr<void>(err_record, "err_record"), as_stream(stream));
+      },
+      py::arg("counters_table"), py::arg("rank"), py::arg("num_ranks"), py::arg("epoch"), py::arg("timeout_cycles"),
+      py::arg("err_record"), py::arg("stream"));
 }

@@ -14,4 +14,9 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
 // Plain device copy restricted to num_sms blocks (bench baseline).
 void launch_sm_copy(void* dst, const void* src, size_t bytes, int num_sms, cudaStream_t stream);
 
+// Cross-rank barrier: counters_table is a device array of num_ranks device pointers (peer counter arrays).
+// err_record: host-mapped TimeoutRecord (ptx.cuh) filled on timeout; the host checks it after syncing.
+void launch_barrier(int* const* counters_table, int rank, int num_ranks, int epoch, long long timeout_cycles,
+                    void* err_record, cudaStream_t stream);
+
 }  // namespace moe_comm

@@ -68,3 +68,41 @@ def test_sm_copy(nbytes, sms):
 def test_backend_reports_missing_kernels():
     usable, reason = cb.CudaBackend.available()
     assert not usable and "not implemented" in reason
+
+
+def _barrier_setup(n: int):
+    counters = [torch.zeros(n, dtype=torch.int32, device="cuda") for _ in range(n)]
+    table = torch.tensor([c.data_ptr() for c in counters], dtype=torch.int64, device="cuda")
+    err = torch.zeros(cb.extension().timeout_record_bytes() // 4, dtype=torch.int32).pin_memory()
+    return counters, table, err
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_barrier_all_ranks_concurrent(n):
+    ext = cb.extension()
+    counters, table, err = _barrier_setup(n)
+    streams = [torch.cuda.Stream() for _ in range(n)]
+    torch.cuda.synchronize()
+    for r, s in enumerate(streams):
+        ext.barrier(table.data_ptr(), r, n, 1, 2_000_000_000, err.data_ptr(), s.cuda_stream)
+    torch.cuda.synchronize()
+    assert int(err[0]) == 0, err.tolist()
+    for c in counters:
+        assert c.tolist() == [1] * n
+
+
+def test_barrier_missing_peer_times_out_with_record():
+    ext = cb.extension()
+    counters, table, err = _barrier_setup(2)
+    torch.cuda.synchronize()
+    ext.barrier(table.data_ptr(), 0, 2, 1, 10_000_000, err.data_ptr(), torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    flag, rank, peer, phase = err[:4].tolist()
+    assert (flag, rank, peer, phase) == (1, 0, 1, 1)
+    expected, observed = err[4:].view(torch.int64).tolist()
+    assert (expected, observed) == (1, 0)
+
+
+def test_null_pointer_named():
+    with pytest.raises(RuntimeError, match="counters_table"):
+        cb.extension().barrier(0, 0, 2, 1, 100, 1, 0)
