@@ -81,7 +81,7 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
         for sms in sorted(set(sweep) | {headline}):
             if sms > total_sms:
                 continue
-            t = _time(lambda s=sms: cb.sm_copy(dst, src, s), warmup, iters)
+            t = _time(lambda s=sms, d=dst, x=src: cb.sm_copy(d, x, s), warmup, iters)
             records.append(_record(op=f"{op}_copy_baseline", dtype=dtype, num_sms=sms, time_s_median=t,
                                    baseline_time_s_median=t, logical_bytes=nbytes, wire_bytes=nbytes,
                                    bandwidth_gbps=nbytes / t / 1e9, **shape))
