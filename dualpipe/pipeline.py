@@ -39,6 +39,13 @@ def _split(tensors: Sequence[torch.Tensor], num_chunks: int, batch_dim: int) -> 
     return [tuple(p[i].contiguous() for p in pieces) for i in range(num_chunks)]
 
 
+def _pipeline_position(group: dist.ProcessGroup | None, rank_mapping: Sequence[int] | None) -> tuple[int, list[int], int]:
+    """``(pipeline ranks, plan rank -> group rank mapping, this process's plan rank)``."""
+    world = dist.get_world_size(group)
+    mapping = list(rank_mapping) if rank_mapping is not None else list(range(world))
+    return world, mapping, mapping.index(dist.get_rank(group))
+
+
 class PipelineRunner(nn.Module):
     """Run a pipeline plan over this rank's stage modules.
 
@@ -196,9 +203,7 @@ class DualPipeV(PipelineRunner):
         rank_mapping: Sequence[int] | None = None,
         timeout_s: float = 300.0,
     ) -> None:
-        world = dist.get_world_size(process_group)
-        mapping = list(rank_mapping) if rank_mapping is not None else list(range(world))
-        rank = mapping.index(dist.get_rank(process_group))
+        world, mapping, rank = _pipeline_position(process_group, rank_mapping)
         stages = {rank: modules[0], 2 * world - 1 - rank: modules[1]}
         super().__init__("dualpipev", stages, process_group, mapping, batch_dim, timeout_s)
 
@@ -220,9 +225,7 @@ class DualPipe(PipelineRunner):
         rank_mapping: Sequence[int] | None = None,
         timeout_s: float = 300.0,
     ) -> None:
-        world = dist.get_world_size(process_group)
-        mapping = list(rank_mapping) if rank_mapping is not None else list(range(world))
-        rank = mapping.index(dist.get_rank(process_group))
+        world, mapping, rank = _pipeline_position(process_group, rank_mapping)
         stages = {rank: modules[0], world + (world - 1 - rank): modules[1]}
         super().__init__("dualpipe", stages, process_group, mapping, batch_dim, timeout_s)
         self.module_pair = modules
