@@ -110,8 +110,11 @@ class Buffer:
         self.check_inputs = check_inputs
         self.buffer_id = next(_buffer_ids) * 1_000_003 + self.rank
         is_nccl = dist.get_backend(self.group) == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if is_nccl else torch.device("cpu")
         backend_cls = resolve_backend(backend, is_nccl=is_nccl)
+        # Small host-side exchanges run where the group works; the data lives on the GPU for the cuda backend
+        # even over gloo (several ranks sharing one GPU).
+        self._group_device = torch.device("cuda", torch.cuda.current_device()) if is_nccl else torch.device("cpu")
+        device = torch.device("cuda", torch.cuda.current_device()) if is_nccl or backend_cls.name == "cuda" else torch.device("cpu")
         self.backend_name = backend_cls.name
         self.device = device
         self._backend: CommBackend | None = backend_cls(
@@ -187,7 +190,7 @@ class Buffer:
         every rank and the step ran, else ``None``.
         """
         if values_checked:
-            return agree(self._step(op), header, error, self.device, rows_per_rank)
+            return agree(self._step(op), header, error, self._group_device, rows_per_rank)
         if error is not None:
             raise error
         return None

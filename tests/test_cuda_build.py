@@ -32,15 +32,38 @@ def test_extension_reports_architectures_and_device_status():
         assert ext.device_count() == 0
 
 
-@pytest.mark.parametrize("hidden_bytes,scales,topk", [(7168, 56, 8), (14336, 0, 8), (16, 0, 1), (4096, 32, 32)])
-def test_layout_arithmetic_matches_python(hidden_bytes, scales, topk):
+@pytest.mark.parametrize("row_bytes,scales,topk", [(7168, 56, 8), (14336, 0, 8), (16, 0, 1), (4096, 32, 32), (256, 2, 0)])
+def test_layout_arithmetic_matches_python(row_bytes, scales, topk):
     ext = _ext()
-    rec = _align(hidden_bytes, 16) + _align(scales * 4, 16) + _align(topk * 8, 16) + _align(topk * 4, 16) + 16
-    assert ext.token_record_bytes(hidden_bytes, scales, topk) == rec
-    for r, e in [(2, 8), (8, 256)]:
-        hdr = _align(r * r * 4, 128) + _align(r * e * 4, 128) + _align(r * r * 8, 128)
-        assert ext.header_bytes(r, e) == hdr
-        assert ext.symmetric_buffer_bytes(r, e, 4096, hidden_bytes, scales, topk) == hdr + r * _align(4096 * rec, 128)
+    rec = _align(row_bytes, 16) + _align(scales * 4, 16) + 2 * _align(topk * 4, 16) + 16
+    assert ext.token_record_bytes(row_bytes, scales, topk) == rec
+    assert ext.combine_record_bytes(row_bytes, topk) == _align(row_bytes, 16) + _align(topk * 4, 16)
+    for r in (1, 2, 8):
+        assert ext.symmetric_buffer_bytes(r, 1 << 20, 3 << 20) == ext.HEADER_BYTES + r * (4 << 20)
+    slots = ext.HEADER_SLOTS
+    assert len(set(slots.values())) == len(slots)
+    assert max(slots.values()) * 4 < ext.HEADER_BYTES
+    assert ext.MAX_RANKS == 8 and ext.MAX_TOPK == 32
+
+
+def test_kernel_launchers_check_arguments_before_launching():
+    """Bad pointers and sizes are named errors on the host (no device needed to reach them)."""
+    ext = _ext()
+    view = (1, 0, 2, 1 << 20, 1 << 20, 1, 0, 1000, 1)
+    with pytest.raises(RuntimeError, match="view.peers"):
+        ext.dispatch_send((0, *view[1:]), 1, 0, 0, 0, 1, 1, 1, 4, 64, 0, 0, 1, 10, 1, 0)
+    with pytest.raises(RuntimeError, match="row_bytes"):
+        ext.dispatch_send(view, 1, 0, 0, 0, 1, 1, 1, 4, 24, 0, 0, 1, 10, 1, 0)
+    with pytest.raises(RuntimeError, match="num_ranks"):
+        ext.dispatch_recv((1, 0, 9, 1 << 20, 1 << 20, 1, 0, 1000, 1), 1, 0, 0, 0, 1, 1, 1, 4, 64, 0, 0, 10, 1, 0)
+    with pytest.raises(RuntimeError, match="capacity_rows"):
+        ext.combine_send(view, 1, 0, 1, 64, 0, 1 << 20, 1, 0)
+    with pytest.raises(RuntimeError, match="hidden"):
+        ext.combine_recv(view, 1, 1, 0, 0, 1, 0, 4, 3, 0, 10, 0, 1, 0)
+    with pytest.raises(RuntimeError, match="epoch"):
+        ext.combine_recv((1, 0, 2, 1 << 20, 1 << 20, 0, 0, 1000, 1), 1, 1, 0, 0, 1, 0, 4, 64, 0, 10, 0, 1, 0)
+    with pytest.raises(RuntimeError, match="view: expected a 9-tuple"):
+        ext.combine_send((1, 2), 1, 0, 1, 64, 0, 10, 1, 0)
 
 
 def test_bad_argument_is_named_runtime_error():

@@ -5,6 +5,7 @@
 #include <string>
 #include "../include/api.cuh"
 #include "../include/exception.cuh"
+#include "../include/intranode.cuh"
 #include "../include/layout.cuh"
 #include "../include/ptx.cuh"
 
@@ -24,6 +25,23 @@ T* as_ptr(uint64_t p, const char* name, bool allow_null = false) {
 }
 
 cudaStream_t as_stream(uint64_t s) { return reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(s)); }
+
+// view = (peers, rank, num_ranks, dispatch_region_bytes, combine_region_bytes, epoch, blocks_base,
+//         timeout_cycles, err_record): moe_comm/backends/cuda_memory.py builds it.
+PeerView peer_view(const py::tuple& t) {
+  if (t.size() != 9) throw Error("view: expected a 9-tuple, got " + std::to_string(t.size()) + " items", __FILE__, __LINE__);
+  PeerView v;
+  v.peers = as_ptr<uint8_t* const>(t[0].cast<uint64_t>(), "view.peers");
+  v.rank = t[1].cast<int>();
+  v.num_ranks = t[2].cast<int>();
+  v.dispatch_region_bytes = t[3].cast<size_t>();
+  v.combine_region_bytes = t[4].cast<size_t>();
+  v.epoch = t[5].cast<int>();
+  v.blocks_base = t[6].cast<int>();
+  v.timeout_cycles = t[7].cast<long long>();
+  v.err = as_ptr<TimeoutRecord>(t[8].cast<uint64_t>(), "view.err");
+  return v;
+}
 
 int device_count() {
   int n = 0;
@@ -54,13 +72,122 @@ PYBIND11_MODULE(_C, m) {
   m.def("compiled_architectures", []() { return std::string(MOE_COMM_ARCHS); });
   m.def("device_count", &device_count);
   m.def("device_status", &device_status);
-  m.def("token_record_bytes", [](size_t hidden_bytes, int num_scales, int num_topk) {
-    return token_record_bytes(hidden_bytes, num_scales, num_topk);
+  m.def("token_record_bytes", [](size_t row_bytes, int num_scales, int num_topk) {
+    return token_record_bytes(row_bytes, num_scales, num_topk);
   });
-  m.def("header_bytes", [](int r, int e) { return header_bytes(r, e); });
-  m.def("symmetric_buffer_bytes", [](int r, int e, int t, size_t hb, int ns, int k) {
-    return symmetric_buffer_bytes(r, e, t, hb, ns, k);
+  m.def("combine_record_bytes", [](size_t row_bytes, int num_topk) { return combine_record_bytes(row_bytes, num_topk); });
+  m.def("symmetric_buffer_bytes", [](int r, size_t dispatch_region_bytes, size_t combine_region_bytes) {
+    return symmetric_buffer_bytes(r, dispatch_region_bytes, combine_region_bytes);
   });
+  m.attr("HEADER_BYTES") = kHeaderBytes;
+  m.attr("MAX_RANKS") = kMaxRanks;
+  m.attr("MAX_TOPK") = kMaxTopk;
+  py::dict slots;
+  slots["dispatch_flag"] = int(kSlotDispatchFlag);
+  slots["dispatch_count"] = int(kSlotDispatchCount);
+  slots["dispatch_free"] = int(kSlotDispatchFree);
+  slots["combine_flag"] = int(kSlotCombineFlag);
+  slots["combine_free"] = int(kSlotCombineFree);
+  slots["barrier"] = int(kSlotBarrier);
+  slots["blocks_done"] = int(kSlotBlocksDone);
+  m.attr("HEADER_SLOTS") = slots;
+  py::dict phases;
+  phases["barrier"] = int(kPhaseBarrier);
+  phases["dispatch_free"] = int(kPhaseDispatchFree);
+  phases["dispatch_arrive"] = int(kPhaseDispatchArrive);
+  phases["combine_free"] = int(kPhaseCombineFree);
+  phases["combine_arrive"] = int(kPhaseCombineArrive);
+  phases["overflow"] = int(kPhaseOverflow);
+  m.attr("PHASES") = phases;
+
+  m.def("device_alloc_zeroed", &device_alloc_zeroed, py::arg("device"), py::arg("bytes"));
+  m.def("device_free", &device_free, py::arg("device"), py::arg("ptr"));
+  m.def("ipc_get_handle", [](int device, uint64_t ptr) { return py::bytes(ipc_get_handle(device, ptr)); },
+        py::arg("device"), py::arg("ptr"));
+  m.def("ipc_open_handle", [](int device, py::bytes handle) { return ipc_open_handle(device, std::string(handle)); },
+        py::arg("device"), py::arg("handle"));
+  m.def("ipc_close_handle", &ipc_close_handle, py::arg("device"), py::arg("ptr"));
+  m.def("device_attribute", &device_attribute, py::arg("device"), py::arg("name"));
+
+  m.def(
+      "dispatch_send",
+      [](py::tuple view, uint64_t x, uint64_t x_scales, uint64_t topk_idx, uint64_t topk_weights,
+         uint64_t is_token_in_rank, uint64_t send_pos, uint64_t num_tokens_per_rank, int num_tokens, int row_bytes,
+         int num_scales, int num_topk, int experts_per_rank, int capacity_rows, int num_sms, uint64_t stream) {
+        DispatchSendArgs a{peer_view(view),
+                           as_ptr<const void>(x, "x", true),
+                           as_ptr<const float>(x_scales, "x_scales", true),
+                           as_ptr<const int64_t>(topk_idx, "topk_idx", true),
+                           as_ptr<const float>(topk_weights, "topk_weights", true),
+                           as_ptr<const bool>(is_token_in_rank, "is_token_in_rank", true),
+                           as_ptr<const int>(send_pos, "send_pos", true),
+                           as_ptr<const int>(num_tokens_per_rank, "num_tokens_per_rank"),
+                           num_tokens, row_bytes, num_scales, num_topk, experts_per_rank, capacity_rows};
+        launch_dispatch_send(a, num_sms, as_stream(stream));
+      },
+      py::arg("view"), py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"), py::arg("topk_weights"),
+      py::arg("is_token_in_rank"), py::arg("send_pos"), py::arg("num_tokens_per_rank"), py::arg("num_tokens"),
+      py::arg("row_bytes"), py::arg("num_scales"), py::arg("num_topk"), py::arg("experts_per_rank"),
+      py::arg("capacity_rows"), py::arg("num_sms"), py::arg("stream"));
+  m.def(
+      "dispatch_recv",
+      [](py::tuple view, uint64_t recv_x, uint64_t recv_scales, uint64_t recv_topk_idx, uint64_t recv_topk_weights,
+         uint64_t recv_src_idx, uint64_t recv_src_rank, uint64_t recv_counts, int max_rows, int row_bytes,
+         int num_scales, int num_topk, int capacity_rows, int num_sms, uint64_t stream) {
+        DispatchRecvArgs a{peer_view(view),
+                           as_ptr<void>(recv_x, "recv_x", true),
+                           as_ptr<float>(recv_scales, "recv_scales", true),
+                           as_ptr<int64_t>(recv_topk_idx, "recv_topk_idx", true),
+                           as_ptr<float>(recv_topk_weights, "recv_topk_weights", true),
+                           as_ptr<int>(recv_src_idx, "recv_src_idx", true),
+                           as_ptr<int>(recv_src_rank, "recv_src_rank", true),
+                           as_ptr<int>(recv_counts, "recv_counts"),
+                           max_rows, row_bytes, num_scales, num_topk, capacity_rows};
+        launch_dispatch_recv(a, num_sms, as_stream(stream));
+      },
+      py::arg("view"), py::arg("recv_x"), py::arg("recv_scales"), py::arg("recv_topk_idx"),
+      py::arg("recv_topk_weights"), py::arg("recv_src_idx"), py::arg("recv_src_rank"), py::arg("recv_counts"),
+      py::arg("max_rows"), py::arg("row_bytes"), py::arg("num_scales"), py::arg("num_topk"),
+      py::arg("capacity_rows"), py::arg("num_sms"), py::arg("stream"));
+  m.def(
+      "combine_send",
+      [](py::tuple view, uint64_t x, uint64_t topk_weights, uint64_t recv_counts, int row_bytes, int num_topk,
+         int capacity_rows, int num_sms, uint64_t stream) {
+        CombineSendArgs a{peer_view(view), as_ptr<const void>(x, "x", true),
+                          as_ptr<const float>(topk_weights, "topk_weights", true),
+                          as_ptr<const int>(recv_counts, "recv_counts"), row_bytes, num_topk, capacity_rows};
+        launch_combine_send(a, num_sms, as_stream(stream));
+      },
+      py::arg("view"), py::arg("x"), py::arg("topk_weights"), py::arg("recv_counts"), py::arg("row_bytes"),
+      py::arg("num_topk"), py::arg("capacity_rows"), py::arg("num_sms"), py::arg("stream"));
+  m.def(
+      "combine_recv",
+      [](py::tuple view, uint64_t is_token_in_rank, uint64_t send_pos, uint64_t bias0, uint64_t bias1, uint64_t out,
+         uint64_t out_weights, int num_tokens, int hidden, int num_topk, int capacity_rows, int dtype, int num_sms,
+         uint64_t stream) {
+        CombineRecvArgs a{peer_view(view),
+                          as_ptr<const bool>(is_token_in_rank, "is_token_in_rank", true),
+                          as_ptr<const int>(send_pos, "send_pos", true),
+                          as_ptr<const void>(bias0, "bias0", true),
+                          as_ptr<const void>(bias1, "bias1", true),
+                          as_ptr<void>(out, "out", true),
+                          as_ptr<float>(out_weights, "out_weights", true),
+                          num_tokens, hidden, num_topk, capacity_rows, dtype};
+        launch_combine_recv(a, num_sms, as_stream(stream));
+      },
+      py::arg("view"), py::arg("is_token_in_rank"), py::arg("send_pos"), py::arg("bias0"), py::arg("bias1"),
+      py::arg("out"), py::arg("out_weights"), py::arg("num_tokens"), py::arg("hidden"), py::arg("num_topk"),
+      py::arg("capacity_rows"), py::arg("dtype"), py::arg("num_sms"), py::arg("stream"));
+  m.def(
+      "per_token_cast_fp8",
+      [](uint64_t x, int dtype, int num_tokens, int hidden, uint64_t out_fp8, uint64_t out_scales, int num_sms,
+         uint64_t stream) {
+        launch_per_token_cast_fp8(as_ptr<const void>(x, "x", num_tokens == 0), dtype, num_tokens, hidden,
+                                  as_ptr<void>(out_fp8, "out_fp8", num_tokens == 0),
+                                  as_ptr<float>(out_scales, "out_scales", num_tokens == 0), num_sms, as_stream(stream));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("num_tokens"), py::arg("hidden"), py::arg("out_fp8"),
+      py::arg("out_scales"), py::arg("num_sms"), py::arg("stream"));
   m.def(
       "get_dispatch_layout",
       [](uint64_t topk_idx, int num_tokens, int num_topk, int num_experts, int num_ranks, uint64_t per_rank,

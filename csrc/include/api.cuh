@@ -20,3 +20,14 @@ void launch_barrier(int* const* counters_table, int rank, int num_ranks, int epo
                     void* err_record, cudaStream_t stream);
 
 }  // namespace moe_comm
+
+// Symmetric-buffer memory and CUDA IPC (csrc/runtime/memory.cpp). Pointers travel as integers.
+#include <string>
+namespace moe_comm {
+uint64_t device_alloc_zeroed(int device, size_t bytes);
+void device_free(int device, uint64_t ptr);
+std::string ipc_get_handle(int device, uint64_t ptr);
+uint64_t ipc_open_handle(int device, const std::string& handle);
+void ipc_close_handle(int device, uint64_t ptr);
+int device_attribute(int device, const std::string& name);  // "clock_rate_khz" or "sm_count"
+}  // namespace moe_comm

@@ -1,8 +1,29 @@
-// Memory-ordering primitives (system scope: peers may be other GPUs through NVLink/IPC mappings).
+// Device helpers shared by every kernel family: memory ordering (system scope, since peers may be other
+// GPUs through NVLink/IPC mappings), bounded waits with a host-visible timeout record, block completion.
 #pragma once
 #include <cstdint>
 
 namespace moe_comm {
+
+// Phases named in timeout records (moe_comm/backends/cuda_memory.py maps them to words).
+enum Phase : int {
+  kPhaseBarrier = 1,
+  kPhaseDispatchFree = 2,   // a sender waits for a destination to have read out its previous rows
+  kPhaseDispatchArrive = 3, // a receiver waits for a source's rows
+  kPhaseCombineFree = 4,
+  kPhaseCombineArrive = 5,
+  kPhaseOverflow = 6,       // a row position beyond the region or output capacity (host sizing bug)
+};
+
+// Error record written to host-mapped memory when a bounded wait expires or a capacity check fails.
+struct TimeoutRecord {
+  int flag;      // 0 = none, 1 = error
+  int rank;
+  int peer;
+  int phase;
+  long long expected;
+  long long observed;
+};
 
 #ifdef __CUDACC__
 __device__ __forceinline__ int ld_acquire_sys(const int* p) {
@@ -21,19 +42,18 @@ __device__ __forceinline__ int atomic_add_release_sys(int* p, int v) {
   return old;
 }
 
-#endif  // __CUDACC__
+__device__ __forceinline__ void record_error(TimeoutRecord* err, int rank, int peer, int phase, long long expected,
+                                             long long observed) {
+  if (err != nullptr && atomicCAS(&err->flag, 0, 1) == 0) {
+    err->rank = rank;
+    err->peer = peer;
+    err->phase = phase;
+    err->expected = expected;
+    err->observed = observed;
+    __threadfence_system();
+  }
+}
 
-// Error record written to host-mapped memory when a bounded wait expires.
-struct TimeoutRecord {
-  int flag;      // 0 = none, 1 = timeout
-  int rank;
-  int peer;
-  int phase;
-  long long expected;
-  long long observed;
-};
-
-#ifdef __CUDACC__
 // Spin until *p >= expected or `timeout_cycles` elapse; on expiry fill `err` (first writer wins) and return false.
 __device__ __forceinline__ bool wait_geq(const int* p, int expected, long long timeout_cycles, TimeoutRecord* err,
                                          int rank, int peer, int phase) {
@@ -41,18 +61,43 @@ __device__ __forceinline__ bool wait_geq(const int* p, int expected, long long t
   int v;
   while ((v = ld_acquire_sys(p)) < expected) {
     if (clock64() - start > timeout_cycles) {
-      if (err != nullptr && atomicCAS(&err->flag, 0, 1) == 0) {
-        err->rank = rank;
-        err->peer = peer;
-        err->phase = phase;
-        err->expected = expected;
-        err->observed = v;
-        __threadfence_system();
-      }
+      record_error(err, rank, peer, phase, expected, v);
       return false;
     }
   }
   return true;
+}
+
+// Threads 0..num_ranks-1 each wait for header[slot + thread] >= expected; returns (to every thread of the
+// block) whether all waits succeeded. Must be reached by the whole block.
+__device__ __forceinline__ bool block_wait_all_ranks(const int* header, int slot, int num_ranks, int expected,
+                                                     long long timeout_cycles, TimeoutRecord* err, int rank,
+                                                     int phase) {
+  int ok = 1;
+  if (threadIdx.x < num_ranks)
+    ok = wait_geq(header + slot + threadIdx.x, expected, timeout_cycles, err, rank, threadIdx.x, phase) ? 1 : 0;
+  return __syncthreads_and(ok) != 0;
+}
+
+// Called by thread 0 of every block once the block's memory operations are issued: makes them visible
+// system-wide and counts the block. Returns true in exactly one block, the last to finish, which may then
+// publish the kernel's completion (the fences on both sides order the other blocks' writes before it).
+// `base` is the counter's value before this launch (tracked by the host, so no reset is needed).
+__device__ __forceinline__ bool last_block_to_finish(int* counter, int base) {
+  __threadfence_system();
+  const int old = atomicAdd(counter, 1);
+  const bool last = old + 1 == base + int(gridDim.x);
+  if (last) __threadfence_system();
+  return last;
+}
+
+// A warp copies `bytes` (a multiple of 16, both pointers 16-byte aligned) from src to dst.
+__device__ __forceinline__ void warp_copy16(void* __restrict__ dst, const void* __restrict__ src, size_t bytes,
+                                            int lane) {
+  const int4* s = static_cast<const int4*>(src);
+  int4* d = static_cast<int4*>(dst);
+  const size_t n = bytes / 16;
+  for (size_t i = lane; i < n; i += 32) d[i] = s[i];
 }
 #endif  // __CUDACC__
 

@@ -8,8 +8,6 @@
 namespace moe_comm {
 namespace {
 
-constexpr int kPhaseBarrier = 1;
-
 __global__ void barrier_kernel(int* const* counters, int rank, int num_ranks, int epoch, long long timeout_cycles,
                                TimeoutRecord* err) {
   const int peer = threadIdx.x;

@@ -1,9 +1,15 @@
-"""The CUDA-kernel backend (``backend="cuda"``): kernels in ``moe_comm._C``, built from csrc/ by setup.py.
+"""The CUDA-kernel backend (``backend="cuda"``): intranode kernels in ``moe_comm._C``, built from csrc/ by setup.py.
 
-Status: the extension builds (sm_90 by default) and provides the on-device layout kernel and an SM-bounded
-copy kernel (the bench baseline). The intranode dispatch/combine kernels described in docs/kernels.md are
-NOT in the tree yet, so :meth:`CudaBackend.available` reports the backend unusable with that reason and the
-Buffer keeps using the portable ``torch`` backend. ``cuda_dispatch_layout`` is usable on its own.
+Each rank owns a symmetric device buffer shared with its peers through CUDA IPC (``cuda_memory.py``); a
+dispatch is a send kernel that writes every token record straight into its final region slot on each
+destination, then a receive kernel that waits for every source's flag and copies the rows out; combine is
+the same in reverse with a float32 reduction in rank order (docs/kernels.md). Every kernel runs on exactly
+``num_sms`` blocks on the backend's communication stream, so it occupies at most ``num_sms`` SMs.
+
+The group may be NCCL (one GPU per rank) or gloo (several ranks sharing a GPU, the single-GPU test mode):
+only the small host-side exchanges (argument agreement, counts, IPC handles) go through the group.
+Limits: 1 to 8 ranks, rows a multiple of 16 bytes, top-k <= 32; low-latency mode is not implemented in
+kernels (it raises ``NotImplementedError``: use ``backend="torch"`` for it).
 """
 
 from __future__ import annotations
@@ -12,8 +18,11 @@ import importlib
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from moe_comm.backends import cuda_intranode as ops
 from moe_comm.backends.base import (
+    BackendContext,
     CombineOutput,
     CombineRequest,
     CommBackend,
@@ -21,10 +30,15 @@ from moe_comm.backends.base import (
     DispatchRequest,
     LowLatencyDispatchOutput,
 )
+from moe_comm.backends.cuda_memory import SymmetricBuffer, round_region
+from moe_comm.backends.torch_backend import gather_count_matrix
+from moe_comm.collectives import StepContext, all_gather_rows, wait_all
+from moe_comm.layout import pad_to_alignment
+from moe_comm.types import DispatchHandle
 
 __all__ = ["CudaBackend", "cuda_dispatch_layout", "extension", "extension_status", "sm_copy"]
 
-_KERNELS_MISSING = "the intranode dispatch/combine kernels are not implemented yet (only layout and copy kernels)"
+_NO_LOW_LATENCY = "low-latency mode has no CUDA kernels yet; use Buffer(backend='torch') for it"
 
 
 def extension() -> Any | None:
@@ -83,30 +97,214 @@ def sm_copy(dst: torch.Tensor, src: torch.Tensor, num_sms: int) -> None:
 
 
 class CudaBackend(CommBackend):
-    """CUDA-kernel backend; unusable until the dispatch/combine kernels land (see module docstring)."""
+    """Intranode CUDA kernels over symmetric buffers (see the module docstring).
+
+    Backend options (``Buffer(..., **options)``):
+        num_max_tokens: rows per (source, destination) pair to size the buffers for at the first call
+            (default: sized by the first call and grown, collectively, when a later call needs more).
+        max_row_bytes: record row bytes to size for together with ``num_max_tokens`` (default 7168 * 2).
+    """
 
     name = "cuda"
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
-        ok, reason = extension_status()
-        if not ok:
-            return False, reason
-        return False, _KERNELS_MISSING
+        return extension_status()
+
+    def __init__(self, context: BackendContext) -> None:
+        super().__init__(context)
+        ext = _require()
+        if not 1 <= context.world_size <= ext.MAX_RANKS:
+            raise ValueError(f"backend: the cuda backend runs 1 to {ext.MAX_RANKS} ranks per group, got {context.world_size}")
+        if context.device.type != "cuda":
+            raise ValueError(f"backend: the cuda backend needs a CUDA device, got {context.device}")
+        self._device = context.device
+        self._stream = torch.cuda.Stream(device=self._device)
+        self._host_device = self._device if dist.get_backend(context.group) == "nccl" else torch.device("cpu")
+        self._mem: SymmetricBuffer | None = None
+        rows = int(context.options.get("num_max_tokens", 0))
+        row_bytes = int(context.options.get("max_row_bytes", 7168 * 2))
+        self._min_dispatch_bytes = rows * ops.dispatch_record_bytes(row_bytes, row_bytes // 128, 8) if rows else 0
+        self._min_combine_bytes = rows * ops.combine_record_bytes(row_bytes, 8) if rows else 0
+
+    # ------------------------------------------------------------------------------------------------
+    # buffers
+
+    def comm_stream(self) -> torch.cuda.Stream:
+        return self._stream
+
+    def _ctx(self, op: str) -> StepContext:
+        return StepContext(self.context.group, self.context.rank, op, self.context.timeout_s)
+
+    def _barrier(self, op: str, step: str) -> None:
+        """Bounded host barrier of the group (a one-element all-gather)."""
+        ctx = self._ctx(op)
+        world = self.context.world_size
+        token = torch.zeros(1, 1, dtype=torch.int64, device=self._host_device)
+        gathered = torch.empty(world, 1, dtype=torch.int64, device=self._host_device)
+        wait_all(ctx, [all_gather_rows(ctx, gathered, token)], step)
+
+    def _buffers(self, op: str, dispatch_bytes: int, combine_bytes: int) -> SymmetricBuffer:
+        """The symmetric buffer, (re)allocated collectively when a call needs larger regions. Every rank
+        computes the same sizes (from globally agreed counts), so every rank takes the same branch."""
+        mem = self._mem
+        if mem is not None and mem.dispatch_region_bytes >= dispatch_bytes and mem.combine_region_bytes >= combine_bytes:
+            return mem
+        want_dispatch = round_region(max(dispatch_bytes, self._min_dispatch_bytes, mem.dispatch_region_bytes if mem else 0))
+        want_combine = round_region(max(combine_bytes, self._min_combine_bytes, mem.combine_region_bytes if mem else 0))
+        if mem is not None:
+            self._release(op)
+        self._mem = SymmetricBuffer.allocate_ipc(self.context.group, self._device, want_dispatch, want_combine, self.context.timeout_s)
+        return self._mem
+
+    def _release(self, op: str) -> None:
+        """Wait until no rank's kernel can touch the buffers any more, then free them."""
+        mem, self._mem = self._mem, None
+        if mem is None:
+            return
+        torch.cuda.synchronize(self._device)
+        try:
+            mem.raise_if_failed(op)
+            self._barrier(op, "every rank to finish with the symmetric buffers")
+        finally:
+            mem.destroy()
+
+    def destroy(self) -> None:
+        self._release("destroy")
+
+    # ------------------------------------------------------------------------------------------------
+    # normal mode
 
     def get_dispatch_layout(
         self, topk_idx: torch.Tensor, num_experts: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return cuda_dispatch_layout(topk_idx, num_experts, self.context.world_size, self.context.num_sms)
 
+    def _expert_counts_from_gather(self, request: DispatchRequest) -> tuple[torch.Tensor, list[int]]:
+        """One count exchange: the ``[R, R]`` row matrix and this rank's padded per-expert receive counts."""
+        assert request.num_tokens_per_rank is not None and request.num_tokens_per_expert is not None
+        world, rank = self.context.world_size, self.context.rank
+        row = torch.cat([request.num_tokens_per_rank.long(), request.num_tokens_per_expert.long()])
+        full = gather_count_matrix(self._ctx("dispatch"), row, self._host_device)
+        epr = request.num_experts // world
+        counts = full[:, world + rank * epr : world + (rank + 1) * epr].sum(dim=0)
+        return full[:, :world], pad_to_alignment(counts, request.expert_alignment).tolist()
+
     def dispatch(self, request: DispatchRequest) -> DispatchOutput:
-        raise NotImplementedError(f"cuda backend: {_KERNELS_MISSING}")
+        x, scales, cached = request.x, request.x_scales, request.handle
+        world, rank = self.context.world_size, self.context.rank
+        num_tokens, hidden = x.shape
+        row_bytes = ops.row_bytes_of(x)
+        expert_counts: list[int] = []
+        count_on_arrival = False
+        send_counts = recv_counts = None
+        if cached is None:
+            assert request.is_token_in_rank is not None and request.num_tokens_per_rank is not None
+            worst = request.num_worst_tokens
+            if worst:
+                max_rows, num_recv = worst // world, worst
+            else:
+                matrix = request.rank_matrix
+                count_on_arrival = request.topk_idx is not None and not request.async_finish
+                if matrix is None or not count_on_arrival:
+                    matrix, expert_counts = self._expert_counts_from_gather(request)
+                    count_on_arrival = False
+                send_counts = tuple(int(v) for v in matrix[rank].tolist())
+                recv_counts = tuple(int(v) for v in matrix[:, rank].tolist())
+                max_rows, num_recv = int(matrix.max()), sum(recv_counts)
+            plan = ops.make_plan(request.is_token_in_rank.to(self._device), request.num_tokens_per_rank.to(self._device), max_rows, num_recv)
+        else:
+            plan = cached.backend_state
+            worst = cached.num_worst_tokens
+        num_scales = 0 if scales is None else scales.shape[1]
+        num_topk = 0 if request.topk_idx is None else request.topk_idx.shape[1]
+        record = ops.dispatch_record_bytes(row_bytes, num_scales, num_topk)
+        mem = self._buffers("dispatch", max(plan.max_rows, 1) * record, 0)
+        epoch = mem.next_epoch("dispatch")
+        out = ops.allocate_dispatch_outputs(plan, x, num_scales, num_topk, request.topk_weights is not None,
+                                            with_src=cached is None, padded=worst > 0)
+        stream = torch.cuda.current_stream(self._device)
+        ops.dispatch_send(mem, plan, epoch, x, scales, request.topk_idx, request.topk_weights,
+                          request.num_experts // world, request.num_sms, stream)
+        ops.dispatch_recv(mem, plan, epoch, out, request.num_sms, stream)
+
+        if cached is None:
+            in_rank_t = plan.is_token_in_rank.t()
+            if worst:
+                send_token_idx = torch.nonzero_static(in_rank_t, size=num_tokens * world, fill_value=-1)[:, 1].contiguous()
+                prefix = torch.full((world, world), -1, dtype=torch.int32, device=self._device)
+            else:
+                send_token_idx = in_rank_t.nonzero()[:, 1].contiguous()
+                prefix = matrix.to(torch.int64).cumsum(dim=0).to(self._device, torch.int32)
+            assert out.recv_src_idx is not None and out.recv_src_rank is not None
+            handle = DispatchHandle(
+                buffer_id=self.context.buffer_id,
+                backend=self.name,
+                num_ranks=world,
+                num_experts=request.num_experts,
+                num_tokens=num_tokens,
+                hidden=hidden,
+                num_topk=num_topk,
+                is_token_in_rank=plan.is_token_in_rank,
+                num_tokens_per_rank=plan.num_tokens_per_rank,
+                rank_prefix_matrix=prefix,
+                send_token_idx=send_token_idx,
+                recv_src_idx=out.recv_src_idx,
+                recv_src_rank=out.recv_src_rank,
+                num_recv_tokens=plan.num_recv_rows,
+                send_counts=send_counts,
+                recv_counts=recv_counts,
+                num_recv_tokens_per_expert_list=expert_counts,
+                expert_alignment=request.expert_alignment,
+                num_worst_tokens=worst,
+                backend_state=plan,
+            )
+        else:
+            handle = cached
+        comm = self._stream
+
+        def finish() -> None:
+            if count_on_arrival:
+                comm.synchronize()
+                mem.raise_if_failed("dispatch")
+                assert out.recv_topk_idx is not None
+                ids = out.recv_topk_idx
+                counts = torch.bincount(ids[ids >= 0], minlength=request.num_experts // world)
+                expert_counts.extend(pad_to_alignment(counts, request.expert_alignment).tolist())
+            else:
+                mem.raise_if_failed("dispatch")
+
+        return DispatchOutput(
+            recv_x=out.recv_x,
+            recv_x_scales=out.recv_scales,
+            recv_topk_idx=out.recv_topk_idx,
+            recv_topk_weights=out.recv_topk_weights,
+            handle=handle,
+            finish=finish,
+        )
 
     def combine(self, request: CombineRequest) -> CombineOutput:
-        raise NotImplementedError(f"cuda backend: {_KERNELS_MISSING}")
+        handle, x, weights = request.handle, request.x, request.topk_weights
+        plan: ops.RoutingPlan = handle.backend_state
+        ops.dtype_code(x.dtype)
+        num_topk = 0 if weights is None else weights.shape[1]
+        record = ops.combine_record_bytes(ops.row_bytes_of(x), num_topk)
+        mem = self._buffers("combine", 0, max(plan.max_rows, 1) * record)
+        epoch = mem.next_epoch("combine")
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        bias = tuple(None if b is None else b.to(self._device, acc).contiguous() for b in request.bias)
+        out = torch.empty(handle.num_tokens, x.shape[1], dtype=x.dtype, device=self._device)
+        out_weights = None if weights is None else torch.empty(handle.num_tokens, num_topk, dtype=torch.float32, device=self._device)
+        stream = torch.cuda.current_stream(self._device)
+        ops.combine_send(mem, plan, epoch, x, weights, request.num_sms, stream)
+        ops.combine_recv(mem, plan, epoch, out, out_weights, (bias[0], bias[1]), request.num_sms, stream)
+        return CombineOutput(combined_x=out, combined_topk_weights=out_weights, finish=lambda: mem.raise_if_failed("combine"))
+
+    # ------------------------------------------------------------------------------------------------
+    # low-latency mode
 
     def low_latency_dispatch(self, *args: Any, **kwargs: Any) -> LowLatencyDispatchOutput:
-        raise NotImplementedError(f"cuda backend: {_KERNELS_MISSING}")
+        raise NotImplementedError(f"cuda backend: {_NO_LOW_LATENCY}")
 
     def low_latency_combine(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(f"cuda backend: {_KERNELS_MISSING}")
+        raise NotImplementedError(f"cuda backend: {_NO_LOW_LATENCY}")

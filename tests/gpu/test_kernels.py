@@ -65,9 +65,9 @@ def test_sm_copy(nbytes, sms):
     assert torch.equal(dst, src)
 
 
-def test_backend_reports_missing_kernels():
+def test_backend_reports_usable():
     usable, reason = cb.CudaBackend.available()
-    assert not usable and "not implemented" in reason
+    assert usable, reason
 
 
 def _barrier_setup(n: int):

@@ -1,0 +1,113 @@
+// Arguments of the intranode dispatch/combine kernels (csrc/kernels/intranode_*.cu), shared by the host
+// launchers and the bindings. Plain structs passed by value to the kernels. Shapes: T tokens on this rank,
+// R ranks, K top-k, S FP8 scale blocks per row (0 without FP8), N rows received by this rank.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime.h>
+#include "exception.cuh"
+#include "ptx.cuh"
+
+namespace moe_comm {
+
+// Where the symmetric buffers are and what this launch may wait on. Identical for every kernel.
+struct PeerView {
+  uint8_t* const* peers;       // device array [R] of symmetric-buffer base pointers (own one at [rank])
+  int rank;
+  int num_ranks;
+  size_t dispatch_region_bytes;
+  size_t combine_region_bytes;
+  int epoch;                   // this call's epoch (1, 2, ...): flags are compared against it, never reset
+  int blocks_base;             // the kernel's finished-block counter before this launch
+  long long timeout_cycles;    // bound on every spin wait
+  TimeoutRecord* err;          // host-mapped error record
+};
+
+struct DispatchSendArgs {
+  PeerView view;
+  const void* x;               // [T, row_bytes]
+  const float* x_scales;       // [T, S] or null
+  const int64_t* topk_idx;     // [T, K] global expert ids or null (cached dispatch / no top-k)
+  const float* topk_weights;   // [T, K] or null
+  const bool* is_token_in_rank;  // [T, R]
+  const int* send_pos;         // [T, R]: position of token t among this rank's rows for rank r
+  const int* num_tokens_per_rank;  // [R]: rows for each rank
+  int num_tokens;
+  int row_bytes;
+  int num_scales;
+  int num_topk;
+  int experts_per_rank;
+  int capacity_rows;           // rows a dispatch region holds for this record size
+};
+
+struct DispatchRecvArgs {
+  PeerView view;
+  void* recv_x;                // [max_rows, row_bytes]
+  float* recv_scales;          // [max_rows, S] or null
+  int64_t* recv_topk_idx;      // [max_rows, K] or null
+  float* recv_topk_weights;    // [max_rows, K] or null
+  int* recv_src_idx;           // [max_rows] or null (cached dispatch)
+  int* recv_src_rank;          // [max_rows] or null
+  int* recv_counts;            // [R] out: rows received from each source
+  int max_rows;                // rows the outputs hold
+  int row_bytes;
+  int num_scales;
+  int num_topk;                // K carried in the records (0 when none)
+  int capacity_rows;
+};
+
+struct CombineSendArgs {
+  PeerView view;
+  const void* x;               // [N, row_bytes], rows in receive order
+  const float* topk_weights;   // [N, K] or null
+  const int* recv_counts;      // [R] device: rows received from each source in the dispatch
+  int row_bytes;
+  int num_topk;                // K of topk_weights (0 when none)
+  int capacity_rows;
+};
+
+// dtype codes for the combine reduction.
+enum DType : int { kBFloat16 = 0, kFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+struct CombineRecvArgs {
+  PeerView view;
+  const bool* is_token_in_rank;  // [T, R]
+  const int* send_pos;         // [T, R]
+  const void* bias0;           // [T, H] in the accumulation dtype (float32, or float64 for float64) or null
+  const void* bias1;
+  void* out;                   // [T, H] in the row dtype
+  float* out_weights;          // [T, K] or null
+  int num_tokens;
+  int hidden;
+  int num_topk;
+  int capacity_rows;
+  int dtype;                   // DType
+};
+
+// Host-side checks shared by every launcher.
+inline void check_peer_view(const PeerView& v) {
+  MC_CHECK(v.peers != nullptr, "peers: null peer table");
+  MC_CHECK(v.num_ranks >= 1 && v.num_ranks <= 8, "num_ranks must be in [1, 8]");
+  MC_CHECK(v.rank >= 0 && v.rank < v.num_ranks, "rank must be in [0, num_ranks)");
+  MC_CHECK(v.epoch >= 1, "epoch must be >= 1");
+  MC_CHECK(v.timeout_cycles > 0, "timeout_cycles must be > 0");
+  MC_CHECK(v.err != nullptr, "err: null timeout record");
+  MC_CHECK(v.dispatch_region_bytes % 128 == 0 && v.combine_region_bytes % 128 == 0,
+           "region sizes must be multiples of 128 bytes");
+}
+
+#ifdef __CUDACC__
+__device__ __forceinline__ int* header_of(const PeerView& v, int rank) { return reinterpret_cast<int*>(v.peers[rank]); }
+#endif
+
+void launch_dispatch_send(const DispatchSendArgs& args, int num_sms, cudaStream_t stream);
+void launch_dispatch_recv(const DispatchRecvArgs& args, int num_sms, cudaStream_t stream);
+void launch_combine_send(const CombineSendArgs& args, int num_sms, cudaStream_t stream);
+void launch_combine_recv(const CombineRecvArgs& args, int num_sms, cudaStream_t stream);
+
+// Per-token FP8 cast: x [T, H] (bf16/fp16/fp32 by dtype code) -> fp8 e4m3 [T, H] + scales [T, ceil(H/128)],
+// scale = max(amax, 1e-4) / 448 (moe_comm.fp8 semantics, bit-exact).
+void launch_per_token_cast_fp8(const void* x, int dtype, int num_tokens, int hidden, void* out_fp8, float* out_scales,
+                               int num_sms, cudaStream_t stream);
+
+}  // namespace moe_comm

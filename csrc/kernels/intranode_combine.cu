@@ -1,0 +1,190 @@
+// Intranode combine, the dispatch in reverse: each expert rank writes every received row back into its own
+// combine region of the token owner's buffer, at the row's position among that owner's rows; each owner then
+// sums, per token and in rank order, the rows of every rank the token reached (float32, or float64 for
+// float64 rows), adds the biases and casts back. Deterministic: one warp owns a token, no atomics.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include "../include/exception.cuh"
+#include "../include/intranode.cuh"
+#include "../include/layout.cuh"
+#include "../include/ptx.cuh"
+
+namespace moe_comm {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+__global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendArgs a) {
+  const PeerView& v = a.view;
+  int* own = header_of(v, v.rank);
+  // Every token owner must have reduced what we returned in the previous epoch.
+  if (!block_wait_all_ranks(own, kSlotCombineFree, v.num_ranks, v.epoch - 1, v.timeout_cycles, v.err, v.rank,
+                            kPhaseCombineFree))
+    return;
+
+  __shared__ int s_start[kMaxRanks + 1];
+  if (threadIdx.x == 0) {
+    int total = 0;
+    for (int s = 0; s < v.num_ranks; ++s) {
+      s_start[s] = total;
+      total += a.recv_counts[s];
+    }
+    s_start[v.num_ranks] = total;
+  }
+  __syncthreads();
+
+  const size_t rec_bytes = combine_record_bytes(a.row_bytes, a.num_topk);
+  const size_t weights_offset = align_up(a.row_bytes, 16);
+  const int lane = threadIdx.x % 32;
+  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
+  const int num_warps = gridDim.x * kWarps;
+  const uint8_t* x = static_cast<const uint8_t*>(a.x);
+  for (int i = warp; i < s_start[v.num_ranks]; i += num_warps) {
+    int s = 0;
+    while (s + 1 < v.num_ranks && i >= s_start[s + 1]) ++s;
+    const int j = i - s_start[s];
+    if (j >= a.capacity_rows) {
+      if (lane == 0) record_error(v.err, v.rank, s, kPhaseOverflow, a.capacity_rows, j);
+      continue;
+    }
+    uint8_t* dst = v.peers[s] + combine_region_offset(v.rank, v.num_ranks, v.dispatch_region_bytes,
+                                                      v.combine_region_bytes) + size_t(j) * rec_bytes;
+    warp_copy16(dst, x + size_t(i) * a.row_bytes, a.row_bytes, lane);
+    if (a.topk_weights != nullptr && lane < a.num_topk)
+      reinterpret_cast<float*>(dst + weights_offset)[lane] = a.topk_weights[size_t(i) * a.num_topk + lane];
+  }
+
+  __syncthreads();
+  if (threadIdx.x == 0 && last_block_to_finish(own + kSlotBlocksDone + kCombineSend, v.blocks_base)) {
+    for (int s = 0; s < v.num_ranks; ++s) st_release_sys(header_of(v, s) + kSlotCombineFlag + v.rank, v.epoch);
+  }
+}
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type x);
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineRecvArgs a) {
+  using AccT = typename Acc<T>::type;
+  constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
+  const PeerView& v = a.view;
+  int* own = header_of(v, v.rank);
+  if (!block_wait_all_ranks(own, kSlotCombineFlag, v.num_ranks, v.epoch, v.timeout_cycles, v.err, v.rank,
+                            kPhaseCombineArrive))
+    return;
+
+  const size_t row_bytes = size_t(a.hidden) * sizeof(T);
+  const size_t rec_bytes = combine_record_bytes(row_bytes, a.num_topk);
+  const size_t weights_offset = align_up(row_bytes, 16);
+  const int lane = threadIdx.x % 32;
+  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
+  const int num_warps = gridDim.x * kWarps;
+  const AccT* bias0 = static_cast<const AccT*>(a.bias0);
+  const AccT* bias1 = static_cast<const AccT*>(a.bias1);
+  T* out = static_cast<T*>(a.out);
+  for (int t = warp; t < a.num_tokens; t += num_warps) {
+    const uint8_t* rows[kMaxRanks];
+    int num_rows = 0;
+    for (int d = 0; d < v.num_ranks; ++d) {
+      if (!a.is_token_in_rank[size_t(t) * v.num_ranks + d]) continue;
+      const int pos = a.send_pos[size_t(t) * v.num_ranks + d];
+      if (pos < 0 || pos >= a.capacity_rows) {
+        if (lane == 0) record_error(v.err, v.rank, d, kPhaseOverflow, a.capacity_rows, pos);
+        continue;
+      }
+      rows[num_rows++] = v.peers[v.rank] +
+                         combine_region_offset(d, v.num_ranks, v.dispatch_region_bytes, v.combine_region_bytes) +
+                         size_t(pos) * rec_bytes;
+    }
+    for (int c = lane * kVec; c < a.hidden; c += 32 * kVec) {
+      AccT acc[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) acc[k] = AccT(0);
+      for (int r = 0; r < num_rows; ++r) {  // rank order: deterministic and equal to the portable backend
+        const int4 packed = *reinterpret_cast<const int4*>(rows[r] + size_t(c) * sizeof(T));
+        const T* vals = reinterpret_cast<const T*>(&packed);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) acc[k] += to_acc(vals[k]);
+      }
+      if (bias0 != nullptr) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) acc[k] += bias0[size_t(t) * a.hidden + c + k];
+      }
+      if (bias1 != nullptr) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) acc[k] += bias1[size_t(t) * a.hidden + c + k];
+      }
+      int4 packed;
+      T* res = reinterpret_cast<T*>(&packed);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) res[k] = from_acc<T>(acc[k]);
+      *reinterpret_cast<int4*>(out + size_t(t) * a.hidden + c) = packed;
+    }
+    if (a.out_weights != nullptr && lane < a.num_topk) {
+      float w = 0.0f;
+      for (int r = 0; r < num_rows; ++r) w += reinterpret_cast<const float*>(rows[r] + weights_offset)[lane];
+      a.out_weights[size_t(t) * a.num_topk + lane] = w;
+    }
+  }
+
+  __syncthreads();
+  if (threadIdx.x == 0 && last_block_to_finish(own + kSlotBlocksDone + kCombineRecv, v.blocks_base)) {
+    for (int d = 0; d < v.num_ranks; ++d) st_release_sys(header_of(v, d) + kSlotCombineFree + v.rank, v.epoch);
+  }
+}
+
+size_t dtype_size(int dtype) {
+  switch (dtype) {
+    case kBFloat16:
+    case kFloat16: return 2;
+    case kFloat32: return 4;
+    case kFloat64: return 8;
+  }
+  throw Error("dtype: unsupported dtype code " + std::to_string(dtype), __FILE__, __LINE__);
+}
+
+}  // namespace
+
+void launch_combine_send(const CombineSendArgs& a, int num_sms, cudaStream_t stream) {
+  check_peer_view(a.view);
+  MC_CHECK(num_sms >= 1, "num_sms must be >= 1");
+  MC_CHECK(a.row_bytes > 0 && a.row_bytes % 16 == 0, "row_bytes must be a positive multiple of 16");
+  MC_CHECK(a.num_topk >= 0 && a.num_topk <= kMaxTopk, "num_topk must be in [0, 32]");
+  MC_CHECK(a.recv_counts != nullptr, "recv_counts: null pointer");
+  MC_CHECK(size_t(a.capacity_rows) * combine_record_bytes(a.row_bytes, a.num_topk) <= a.view.combine_region_bytes,
+           "capacity_rows exceeds the combine region");
+  combine_send_kernel<<<num_sms, kThreads, 0, stream>>>(a);
+  MC_LAUNCH_CHECK();
+}
+
+void launch_combine_recv(const CombineRecvArgs& a, int num_sms, cudaStream_t stream) {
+  check_peer_view(a.view);
+  MC_CHECK(num_sms >= 1, "num_sms must be >= 1");
+  const size_t row_bytes = size_t(a.hidden) * dtype_size(a.dtype);
+  MC_CHECK(a.hidden > 0 && row_bytes % 16 == 0, "hidden: a row must be a positive multiple of 16 bytes");
+  MC_CHECK(a.num_topk >= 0 && a.num_topk <= kMaxTopk, "num_topk must be in [0, 32]");
+  MC_CHECK(a.num_tokens == 0 || (a.out != nullptr && a.is_token_in_rank != nullptr && a.send_pos != nullptr),
+           "out/is_token_in_rank/send_pos: null pointer");
+  MC_CHECK(size_t(a.capacity_rows) * combine_record_bytes(row_bytes, a.num_topk) <= a.view.combine_region_bytes,
+           "capacity_rows exceeds the combine region");
+  switch (a.dtype) {
+    case kBFloat16: combine_recv_kernel<__nv_bfloat16><<<num_sms, kThreads, 0, stream>>>(a); break;
+    case kFloat16: combine_recv_kernel<__half><<<num_sms, kThreads, 0, stream>>>(a); break;
+    case kFloat32: combine_recv_kernel<float><<<num_sms, kThreads, 0, stream>>>(a); break;
+    case kFloat64: combine_recv_kernel<double><<<num_sms, kThreads, 0, stream>>>(a); break;
+  }
+  MC_LAUNCH_CHECK();
+}
+
+}  // namespace moe_comm

@@ -1,0 +1,146 @@
+"""Single-GPU multi-rank mode: R ranks of the CUDA backend inside one process, on one GPU.
+
+Each emulated rank has its own symmetric buffer, its own stream and the very same kernels as a real rank;
+only the peer pointers differ (plain device pointers instead of CUDA IPC mappings). Every rank's send kernel
+is issued before any rank's receive kernel, with events joining the streams in between, so no kernel ever
+spins on work that is not yet scheduled and the R ranks' kernels run concurrently (R * num_sms blocks).
+
+What it shows: the protocol, the record layout, the flags and epochs, the bytes each kernel moves and what
+an SM budget allows. What it cannot show: NVLink bandwidth and latency (every "remote" write is a local HBM
+write), contention between independent GPUs, or IPC mapping costs. The multi-process path on one GPU
+(tests/gpu/test_cuda_conformance.py, ranks time-sliced by the driver) covers the IPC code instead.
+
+Shapes as in :mod:`moe_comm.backends.cuda_intranode`; lists are indexed by rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from moe_comm.backends import cuda_intranode as ops
+from moe_comm.backends.cuda import cuda_dispatch_layout
+from moe_comm.backends.cuda_memory import SymmetricBuffer, round_region
+
+__all__ = ["MultiRankEmulator"]
+
+
+class MultiRankEmulator:
+    """``num_ranks`` CUDA-backend ranks in this process.
+
+    Args:
+        num_ranks: R, 1 to 8.
+        dispatch_region_bytes, combine_region_bytes: bytes of one source's region of each kind (rounded up to
+            whole MiB); size them with :meth:`region_bytes_for`.
+        device: the GPU (default: the current one).
+        timeout_s: bound on every spin wait of the kernels.
+    """
+
+    def __init__(
+        self,
+        num_ranks: int,
+        dispatch_region_bytes: int,
+        combine_region_bytes: int,
+        device: torch.device | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.device = device or torch.device("cuda", torch.cuda.current_device())
+        self.num_ranks = num_ranks
+        self.buffers = SymmetricBuffer.allocate_local(
+            num_ranks, self.device, round_region(dispatch_region_bytes), round_region(combine_region_bytes), timeout_s
+        )
+        self.streams = [torch.cuda.Stream(device=self.device) for _ in range(num_ranks)]
+
+    @staticmethod
+    def region_bytes_for(max_rows: int, hidden: int, dtype: torch.dtype, num_scales: int, num_topk: int, combine_dtype: torch.dtype) -> tuple[int, int]:
+        """``(dispatch_region_bytes, combine_region_bytes)`` for ``max_rows`` rows per (source, destination)."""
+        dispatch = ops.dispatch_record_bytes(hidden * dtype.itemsize, num_scales, num_topk)
+        combine = ops.combine_record_bytes(hidden * combine_dtype.itemsize, num_topk)
+        return max_rows * dispatch, max_rows * combine
+
+    def join(self) -> None:
+        """Every rank's stream waits for the work issued so far on every rank's stream."""
+        events = [s.record_event() for s in self.streams]
+        for stream in self.streams:
+            for event in events:
+                stream.wait_event(event)
+
+    def destroy(self) -> None:
+        torch.cuda.synchronize(self.device)
+        for buf in self.buffers:
+            buf.destroy()
+
+    def raise_if_failed(self, op: str) -> None:
+        for buf in self.buffers:
+            buf.raise_if_failed(op)
+
+    # ------------------------------------------------------------------------------------------------
+
+    def plan(self, topk_idx: Sequence[torch.Tensor], num_experts: int, num_sms: int = 20) -> list[ops.RoutingPlan]:
+        """Layouts (on device) and routing plans of every rank (reads the count matrix back once)."""
+        r = self.num_ranks
+        layouts = [cuda_dispatch_layout(idx, num_experts, r, num_sms) for idx in topk_idx]
+        matrix = torch.stack([per_rank for per_rank, _, _ in layouts]).cpu()  # [src, dst]
+        max_rows = int(matrix.max()) if matrix.numel() else 0
+        return [ops.make_plan(in_rank, per_rank, max_rows, int(matrix[:, d].sum())) for d, (per_rank, _, in_rank) in enumerate(layouts)]
+
+    def dispatch(
+        self,
+        plans: Sequence[ops.RoutingPlan],
+        x: Sequence[torch.Tensor],
+        x_scales: Sequence[torch.Tensor | None] | None = None,
+        topk_idx: Sequence[torch.Tensor | None] | None = None,
+        topk_weights: Sequence[torch.Tensor | None] | None = None,
+        num_experts: int = 0,
+        num_sms: int = 20,
+        outputs: Sequence[ops.DispatchOutputs] | None = None,
+    ) -> list[ops.DispatchOutputs]:
+        """Dispatch every rank's ``x[r] [T_r, H]``; returns each rank's receive outputs (issued, not synchronised)."""
+        r = self.num_ranks
+        none: list[None] = [None] * r
+        scales = list(x_scales) if x_scales is not None else none
+        idx = list(topk_idx) if topk_idx is not None else none
+        weights = list(topk_weights) if topk_weights is not None else none
+        if outputs is None:
+            outputs = [
+                ops.allocate_dispatch_outputs(plans[d], x[d], 0 if scales[d] is None else scales[d].shape[1],
+                                              0 if idx[d] is None else idx[d].shape[1], weights[d] is not None,
+                                              with_src=True, padded=False)
+                for d in range(r)
+            ]
+        epochs = [buf.next_epoch("dispatch") for buf in self.buffers]
+        self.join()
+        for rank in range(r):
+            with torch.cuda.stream(self.streams[rank]):
+                ops.dispatch_send(self.buffers[rank], plans[rank], epochs[rank], x[rank], scales[rank], idx[rank],
+                                  weights[rank], num_experts // r if num_experts else 1, num_sms, self.streams[rank])
+        self.join()
+        for rank in range(r):
+            with torch.cuda.stream(self.streams[rank]):
+                ops.dispatch_recv(self.buffers[rank], plans[rank], epochs[rank], outputs[rank], num_sms, self.streams[rank])
+        return list(outputs)
+
+    def combine(
+        self,
+        plans: Sequence[ops.RoutingPlan],
+        x: Sequence[torch.Tensor],
+        topk_weights: Sequence[torch.Tensor | None] | None = None,
+        num_sms: int = 20,
+        outputs: Sequence[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """Combine every rank's received rows ``x[r] [N_r, H]`` back to ``[T_r, H]`` (issued, not synchronised)."""
+        r = self.num_ranks
+        weights = list(topk_weights) if topk_weights is not None else [None] * r
+        if outputs is None:
+            outputs = [torch.empty(p.is_token_in_rank.shape[0], x[d].shape[1], dtype=x[d].dtype, device=self.device) for d, p in enumerate(plans)]
+        epochs = [buf.next_epoch("combine") for buf in self.buffers]
+        self.join()
+        for rank in range(r):
+            with torch.cuda.stream(self.streams[rank]):
+                ops.combine_send(self.buffers[rank], plans[rank], epochs[rank], x[rank], weights[rank], num_sms, self.streams[rank])
+        self.join()
+        for rank in range(r):
+            with torch.cuda.stream(self.streams[rank]):
+                ops.combine_recv(self.buffers[rank], plans[rank], epochs[rank], outputs[rank], None, (None, None), num_sms, self.streams[rank])
+        return list(outputs)

@@ -1,0 +1,246 @@
+"""Launch wrappers of the intranode kernels (csrc/kernels/intranode_*.cu, fp8_cast.cu) for one rank.
+
+A dispatch is two launches per rank: ``dispatch_send`` (write my token records into every destination's
+region for me) then ``dispatch_recv`` (wait for every source's flag, copy the regions out in (source rank,
+token) order); a combine is ``combine_send`` then ``combine_recv``. :class:`moe_comm.backends.cuda.CudaBackend`
+issues both halves of one rank on its stream; the single-GPU emulator (``cuda_emulator.py``) issues every
+rank's send before any rank's receive. Senders never wait on the receivers of the same epoch, so either
+order of issue is deadlock-free.
+
+Shapes: T tokens on this rank, H hidden, K top-k, R ranks, S = ceil(H/128) FP8 scales, N received rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moe_comm.backends.cuda_memory import SymmetricBuffer
+
+__all__ = [
+    "DispatchOutputs",
+    "RoutingPlan",
+    "allocate_dispatch_outputs",
+    "combine_recv",
+    "combine_record_bytes",
+    "combine_send",
+    "dispatch_record_bytes",
+    "dispatch_recv",
+    "dispatch_send",
+    "dtype_code",
+    "make_plan",
+    "per_token_cast_fp8",
+]
+
+_DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _ext() -> Any:
+    from moe_comm.backends.cuda import extension
+
+    return extension()
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The kernels' code for a reduction dtype (bf16, fp16, fp32, fp64)."""
+    if dtype not in _DTYPE_CODES:
+        raise TypeError(f"x: the CUDA combine supports bf16, fp16, fp32 and fp64, got {dtype}")
+    return _DTYPE_CODES[dtype]
+
+
+def row_bytes_of(x: torch.Tensor) -> int:
+    """Bytes of one row of ``x [rows, H]``; the kernels move rows in 16-byte vectors."""
+    nbytes = x.shape[1] * x.element_size()
+    if nbytes == 0 or nbytes % 16:
+        raise ValueError(f"x: a row of {x.shape[1]} x {x.dtype} is {nbytes} bytes; the CUDA backend needs a positive multiple of 16")
+    return nbytes
+
+
+def dispatch_record_bytes(row_bytes: int, num_scales: int, num_topk: int) -> int:
+    return int(_ext().token_record_bytes(row_bytes, num_scales, num_topk))
+
+
+def combine_record_bytes(row_bytes: int, num_topk: int) -> int:
+    return int(_ext().combine_record_bytes(row_bytes, num_topk))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingPlan:
+    """One rank's routing, kept in the handle for combine and cached dispatch.
+
+    Attributes:
+        is_token_in_rank: ``[T, R]`` bool.
+        send_pos: ``[T, R]`` int32, position of token t among this rank's rows for rank r (valid where sent).
+        num_tokens_per_rank: ``[R]`` int32, rows for each rank.
+        recv_counts: ``[R]`` int32 on the device, rows received from each source (filled by the receive).
+        max_rows: the most rows any rank sends any rank in this dispatch (the same on every rank); it sizes
+            the regions.
+        num_recv_rows: N, rows of the receive outputs (``num_worst_tokens`` in worst-case mode).
+    """
+
+    is_token_in_rank: torch.Tensor
+    send_pos: torch.Tensor
+    num_tokens_per_rank: torch.Tensor
+    recv_counts: torch.Tensor
+    max_rows: int
+    num_recv_rows: int
+
+
+def make_plan(is_token_in_rank: torch.Tensor, num_tokens_per_rank: torch.Tensor, max_rows: int, num_recv_rows: int) -> RoutingPlan:
+    """Positions by a prefix sum down the token axis (one small device op, no host synchronisation)."""
+    in_rank = is_token_in_rank.contiguous()
+    send_pos = (torch.cumsum(in_rank, dim=0, dtype=torch.int32) - 1).contiguous()
+    return RoutingPlan(
+        is_token_in_rank=in_rank,
+        send_pos=send_pos,
+        num_tokens_per_rank=num_tokens_per_rank.to(torch.int32).contiguous(),
+        recv_counts=torch.zeros(in_rank.shape[1], dtype=torch.int32, device=in_rank.device),
+        max_rows=int(max_rows),
+        num_recv_rows=int(num_recv_rows),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DispatchOutputs:
+    """Receive-side tensors of one dispatch (``None`` where the call carries no such field)."""
+
+    recv_x: torch.Tensor
+    recv_scales: torch.Tensor | None
+    recv_topk_idx: torch.Tensor | None
+    recv_topk_weights: torch.Tensor | None
+    recv_src_idx: torch.Tensor | None
+    recv_src_rank: torch.Tensor | None
+    recv_counts: torch.Tensor
+
+
+def allocate_dispatch_outputs(
+    plan: RoutingPlan,
+    x: torch.Tensor,
+    num_scales: int,
+    num_topk: int,
+    has_weights: bool,
+    with_src: bool,
+    padded: bool,
+) -> DispatchOutputs:
+    """Outputs of ``plan.num_recv_rows`` rows; in worst-case mode (``padded``) filled with the padding values
+    (zeros, top-k id -1, source -1) so the kernel only writes the valid rows."""
+    rows, hidden, dev = plan.num_recv_rows, x.shape[1], x.device
+    new = torch.zeros if padded else torch.empty
+
+    def ids(cols: int) -> torch.Tensor:
+        return torch.full((rows, cols), -1, dtype=torch.int64, device=dev) if padded else torch.empty(rows, cols, dtype=torch.int64, device=dev)
+
+    src_idx = src_rank = None
+    if with_src:
+        src_idx = ids(1).squeeze(1).to(torch.int32) if padded else torch.empty(rows, dtype=torch.int32, device=dev)
+        src_rank = torch.full((rows,), -1, dtype=torch.int32, device=dev) if padded else torch.empty(rows, dtype=torch.int32, device=dev)
+    return DispatchOutputs(
+        recv_x=new(rows, hidden, dtype=x.dtype, device=dev),
+        recv_scales=new(rows, num_scales, dtype=torch.float32, device=dev) if num_scales else None,
+        recv_topk_idx=ids(num_topk) if num_topk else None,
+        recv_topk_weights=new(rows, num_topk, dtype=torch.float32, device=dev) if num_topk and has_weights else None,
+        recv_src_idx=src_idx,
+        recv_src_rank=src_rank,
+        recv_counts=plan.recv_counts if with_src else torch.zeros_like(plan.recv_counts),
+    )
+
+
+def dispatch_send(
+    buf: SymmetricBuffer,
+    plan: RoutingPlan,
+    epoch: int,
+    x: torch.Tensor,
+    x_scales: torch.Tensor | None,
+    topk_idx: torch.Tensor | None,
+    topk_weights: torch.Tensor | None,
+    experts_per_rank: int,
+    num_sms: int,
+    stream: torch.cuda.Stream,
+) -> None:
+    """Write this rank's token records into every destination's region (x ``[T, H]``, FP8 with ``x_scales``)."""
+    row_bytes = row_bytes_of(x)
+    num_scales = 0 if x_scales is None else x_scales.shape[1]
+    num_topk = 0 if topk_idx is None else topk_idx.shape[1]
+    record = dispatch_record_bytes(row_bytes, num_scales, num_topk)
+    _ext().dispatch_send(
+        buf.view("dispatch_send", epoch, num_sms), _ptr(x), _ptr(x_scales), _ptr(topk_idx), _ptr(topk_weights),
+        _ptr(plan.is_token_in_rank), _ptr(plan.send_pos), plan.num_tokens_per_rank.data_ptr(), x.shape[0], row_bytes,
+        num_scales, num_topk, experts_per_rank, buf.capacity_rows(record, "dispatch"), num_sms, stream.cuda_stream,
+    )
+
+
+def dispatch_recv(
+    buf: SymmetricBuffer, plan: RoutingPlan, epoch: int, out: DispatchOutputs, num_sms: int, stream: torch.cuda.Stream
+) -> None:
+    """Wait for every source's rows of this epoch and copy them into ``out`` in (source rank, token) order."""
+    row_bytes = row_bytes_of(out.recv_x)
+    num_scales = 0 if out.recv_scales is None else out.recv_scales.shape[1]
+    num_topk = 0 if out.recv_topk_idx is None else out.recv_topk_idx.shape[1]
+    record = dispatch_record_bytes(row_bytes, num_scales, num_topk)
+    _ext().dispatch_recv(
+        buf.view("dispatch_recv", epoch, num_sms), _ptr(out.recv_x), _ptr(out.recv_scales), _ptr(out.recv_topk_idx),
+        _ptr(out.recv_topk_weights), _ptr(out.recv_src_idx), _ptr(out.recv_src_rank), out.recv_counts.data_ptr(),
+        plan.num_recv_rows, row_bytes, num_scales, num_topk, buf.capacity_rows(record, "dispatch"), num_sms,
+        stream.cuda_stream,
+    )
+
+
+def combine_send(
+    buf: SymmetricBuffer,
+    plan: RoutingPlan,
+    epoch: int,
+    x: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    num_sms: int,
+    stream: torch.cuda.Stream,
+) -> None:
+    """Return each received row ``x [N, H]`` (and its weights) to its token's rank."""
+    row_bytes = row_bytes_of(x)
+    num_topk = 0 if topk_weights is None else topk_weights.shape[1]
+    record = combine_record_bytes(row_bytes, num_topk)
+    _ext().combine_send(
+        buf.view("combine_send", epoch, num_sms), _ptr(x), _ptr(topk_weights), plan.recv_counts.data_ptr(), row_bytes,
+        num_topk, buf.capacity_rows(record, "combine"), num_sms, stream.cuda_stream,
+    )
+
+
+def combine_recv(
+    buf: SymmetricBuffer,
+    plan: RoutingPlan,
+    epoch: int,
+    out: torch.Tensor,
+    out_weights: torch.Tensor | None,
+    bias: tuple[torch.Tensor | None, torch.Tensor | None],
+    num_sms: int,
+    stream: torch.cuda.Stream,
+) -> None:
+    """Sum, per token and in rank order, the rows returned to this rank into ``out [T, H]`` (+ biases given in
+    the accumulation dtype)."""
+    row_bytes = row_bytes_of(out)
+    num_topk = 0 if out_weights is None else out_weights.shape[1]
+    record = combine_record_bytes(row_bytes, num_topk)
+    _ext().combine_recv(
+        buf.view("combine_recv", epoch, num_sms), _ptr(plan.is_token_in_rank), _ptr(plan.send_pos), _ptr(bias[0]),
+        _ptr(bias[1]), _ptr(out), _ptr(out_weights), out.shape[0], out.shape[1], num_topk,
+        buf.capacity_rows(record, "combine"), dtype_code(out.dtype), num_sms, stream.cuda_stream,
+    )
+
+
+def per_token_cast_fp8(x: torch.Tensor, num_sms: int = 132) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [T, H]`` bf16/fp16/fp32 -> ``(float8_e4m3fn [T, H], float32 [T, ceil(H/128)])`` on the device,
+    bit-exact with :func:`moe_comm.fp8.per_token_cast_to_fp8`."""
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.dim() != 2 or not x.is_cuda:
+        raise ValueError(f"x: expected a [T, H] bf16/fp16/fp32 CUDA tensor, got {x.dtype} {list(x.shape)} on {x.device}")
+    x = x.contiguous()
+    t, h = x.shape
+    out = torch.empty(t, h, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(t, (h + 127) // 128, dtype=torch.float32, device=x.device)
+    _ext().per_token_cast_fp8(_ptr(x), dtype_code(x.dtype), t, h, _ptr(out), _ptr(scales), num_sms,
+                              torch.cuda.current_stream(x.device).cuda_stream)
+    return out, scales

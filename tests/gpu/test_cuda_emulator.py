@@ -1,0 +1,138 @@
+"""The intranode kernels on one GPU through the in-process multi-rank emulator (skipped without a GPU).
+
+Each emulated rank runs the same kernels as a real rank; results are checked row by row against an
+independent CPU computation (payloads encode their source rank and token index).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from moe_comm.backends import cuda as cb  # noqa: E402
+
+if not cb.extension_status()[0]:
+    pytest.skip(f"cuda extension unusable: {cb.extension_status()[1]}", allow_module_level=True)
+
+from moe_comm.backends import cuda_intranode as ops  # noqa: E402
+from moe_comm.backends.cuda_emulator import MultiRankEmulator  # noqa: E402
+from moe_comm.errors import CommTimeoutError  # noqa: E402
+from moe_comm.fp8 import per_token_cast_to_fp8  # noqa: E402
+
+
+def _inputs(rank: int, tokens: int, hidden: int, topk: int, num_experts: int, seed: int):
+    g = torch.Generator().manual_seed(seed * 100 + rank)
+    x = torch.randint(-8, 9, (tokens, hidden), generator=g).float()  # small integers: every sum is exact
+    x[:, 0], x[:, 1] = rank, torch.arange(tokens)
+    idx = torch.stack([torch.randperm(num_experts, generator=g)[:topk] for _ in range(tokens)]) if tokens else torch.empty(0, topk, dtype=torch.long)
+    if tokens:
+        idx[torch.rand(tokens, topk, generator=g) < 0.2] = -1
+    w = torch.rand(tokens, topk, generator=g)
+    return x, idx, w
+
+
+def _expected(xs, idxs, ws, rank, world, epr):
+    rows, ids, wts, src, src_rank = [], [], [], [], []
+    for s in range(world):
+        owner = torch.where(idxs[s] >= 0, idxs[s] // epr, -1)
+        hit = (owner == rank).any(dim=1) if idxs[s].numel() else torch.zeros(0, dtype=torch.bool)
+        toks = torch.nonzero(hit).flatten()
+        local = idxs[s][toks] - rank * epr
+        keep = (idxs[s][toks] >= 0) & (local >= 0) & (local < epr)
+        rows.append(xs[s][toks])
+        ids.append(torch.where(keep, local, -1))
+        wts.append(torch.where(keep, ws[s][toks], 0.0))
+        src.append(toks)
+        src_rank.append(torch.full_like(toks, s))
+    return torch.cat(rows), torch.cat(ids), torch.cat(wts), torch.cat(src), torch.cat(src_rank)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_dispatch_combine_exact(world, dtype):
+    hidden, topk, epr = 256, 4, 3
+    num_experts = world * epr
+    topk = min(topk, num_experts)
+    tokens = [40 + 7 * r for r in range(world)]
+    data = [_inputs(r, tokens[r], hidden, topk, num_experts, seed=world) for r in range(world)]
+    xs = [d[0] for d in data]
+    idxs = [d[1] for d in data]
+    ws = [d[2] for d in data]
+    emu = MultiRankEmulator(world, *MultiRankEmulator.region_bytes_for(max(tokens), hidden, dtype, 0, topk, dtype))
+    dev = emu.device
+    plans = emu.plan([i.to(dev) for i in idxs], num_experts, num_sms=4)
+    for repeat in range(3):  # several epochs through the same regions
+        outs = emu.dispatch(plans, [x.to(dev, dtype) for x in xs], topk_idx=[i.to(dev) for i in idxs],
+                            topk_weights=[w.to(dev) for w in ws], num_experts=num_experts, num_sms=4 + repeat)
+        torch.cuda.synchronize()
+        emu.raise_if_failed("dispatch")
+        for d in range(world):
+            rows, ids, wts, src, src_rank = _expected(xs, idxs, ws, d, world, epr)
+            o = outs[d]
+            assert torch.equal(o.recv_x.cpu().float(), rows), f"rank {d}: rows differ"
+            assert torch.equal(o.recv_topk_idx.cpu(), ids)
+            assert torch.equal(o.recv_topk_weights.cpu(), wts)
+            assert torch.equal(o.recv_src_idx.cpu().long(), src)
+            assert torch.equal(o.recv_src_rank.cpu().long(), src_rank)
+        # Combine: rank d scales its rows by (d + 1); token t gets x * sum of (d + 1) over the ranks it reached.
+        back = emu.combine(plans, [o.recv_x * (d + 1) for d, o in enumerate(outs)], num_sms=3 + repeat)
+        torch.cuda.synchronize()
+        emu.raise_if_failed("combine")
+        for s in range(world):
+            owner = torch.where(idxs[s] >= 0, idxs[s] // epr, -1)
+            acc = torch.zeros(tokens[s], hidden)  # float32, rank by rank, like the kernel
+            for d in range(world):
+                reached = (owner == d).any(dim=1).unsqueeze(1)
+                acc += torch.where(reached, (xs[s].to(dtype) * (d + 1)).float(), 0.0)
+            assert torch.equal(back[s].cpu(), acc.to(dtype)), f"rank {s}: combine differs"
+    emu.destroy()
+
+
+def test_fp8_records_bit_exact():
+    world, hidden, topk, epr = 4, 512, 8, 8
+    num_experts = world * epr
+    data = [_inputs(r, 33, hidden, topk, num_experts, seed=5) for r in range(world)]
+    fp8 = [per_token_cast_to_fp8(d[0].bfloat16()) for d in data]
+    emu = MultiRankEmulator(world, *MultiRankEmulator.region_bytes_for(33, hidden, torch.float8_e4m3fn, hidden // 128, topk, torch.bfloat16))
+    dev = emu.device
+    plans = emu.plan([d[1].to(dev) for d in data], num_experts, num_sms=2)
+    outs = emu.dispatch(plans, [f[0].to(dev) for f in fp8], x_scales=[f[1].to(dev) for f in fp8],
+                        topk_idx=[d[1].to(dev) for d in data], num_experts=num_experts, num_sms=2)
+    torch.cuda.synchronize()
+    emu.raise_if_failed("dispatch")
+    for d in range(world):
+        exp_rows = torch.cat([fp8[s][0][plans[s].is_token_in_rank[:, d].cpu()] for s in range(world)])
+        exp_scales = torch.cat([fp8[s][1][plans[s].is_token_in_rank[:, d].cpu()] for s in range(world)])
+        assert torch.equal(outs[d].recv_x.cpu().view(torch.uint8), exp_rows.view(torch.uint8))
+        assert torch.equal(outs[d].recv_scales.cpu(), exp_scales)
+    emu.destroy()
+
+
+@pytest.mark.parametrize("hidden", [7168, 200, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fp8_cast_kernel_bit_exact(hidden, dtype):
+    x = (torch.randn(65, hidden) * torch.logspace(-3, 3, 65).unsqueeze(1)).to(dtype)
+    x[3] = 0  # all-zero rows take the 1e-4 floor
+    data, scales = ops.per_token_cast_fp8(x.cuda(), num_sms=8)
+    ref_data, ref_scales = per_token_cast_to_fp8(x)
+    assert torch.equal(data.cpu().view(torch.uint8), ref_data.view(torch.uint8))
+    assert torch.equal(scales.cpu(), ref_scales)
+
+
+def test_missing_sender_times_out_naming_phase_and_peer():
+    emu = MultiRankEmulator(2, 1 << 20, 1 << 20, timeout_s=0.05)
+    dev = emu.device
+    idx = torch.zeros(4, 1, dtype=torch.int64, device=dev)
+    plans = emu.plan([idx, idx], 2, num_sms=1)
+    out = ops.allocate_dispatch_outputs(plans[0], torch.empty(4, 64, device=dev), 0, 0, False, True, False)
+    buf = emu.buffers[0]
+    ops.dispatch_recv(buf, plans[0], buf.next_epoch("dispatch"), out, 1, torch.cuda.current_stream())
+    torch.cuda.synchronize()
+    with pytest.raises(CommTimeoutError, match=r"rank 0: .*dispatch arrive flag of peer rank [01]"):
+        buf.raise_if_failed("dispatch")
+    emu.destroy()
