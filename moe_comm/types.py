@@ -32,10 +32,10 @@ class Config:
     """Per-call tuning knobs (DeepEP's ``config=`` argument). Every field has a documented default.
 
     Attributes:
-        num_sms: SMs the CUDA kernels may occupy for this call; ``None`` uses the Buffer's ``num_sms``.
-            Even, because the CUDA backend pairs a sending and a receiving block per channel. Ignored by
-            the portable backend.
-        num_max_send_tokens: tokens a CUDA channel moves per step before publishing progress (0 = auto).
+        num_sms: SMs the CUDA kernels may occupy for this call (the grid size of every kernel); ``None``
+            uses the Buffer's ``num_sms``. Ignored by the portable backend.
+        num_max_send_tokens: accepted for DeepEP compatibility; the CUDA kernels publish completion once
+            per call (docs/kernels.md), so it has no effect.
     """
 
     num_sms: int | None = None

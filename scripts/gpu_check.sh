@@ -25,8 +25,9 @@ step() {  # step NAME LIMIT_S LOGFILE CMD...
 step nvidia_smi 20 "$OUT/build.log" nvidia-smi
 step build 240 "$OUT/build.log" "$PY" setup.py build_ext --inplace
 step import 60 "$OUT/build.log" "$PY" -c "import moe_comm._C as C; print(C.compiled_architectures(), C.device_status()); from moe_comm.backends.registry import available_backends; print(available_backends())"
-step pytest_gpu 150 "$OUT/tests.log" "$PY" -m pytest -q -x --junitxml="$OUT/junit.xml" tests/gpu tests/test_cuda_build.py
-SAN="import torch; from moe_comm.backends import cuda as cb; i=torch.randint(0,64,(300,6),device='cuda'); cb.cuda_dispatch_layout(i,64,4,4); s=torch.arange(4096,dtype=torch.uint8,device='cuda'); d=torch.empty_like(s); cb.sm_copy(d,s,4); torch.cuda.synchronize(); assert torch.equal(d,s); print('ok')"
+step pytest_kernels 150 "$OUT/tests.log" "$PY" -m pytest -q --junitxml="$OUT/junit.xml" tests/gpu/test_kernels.py tests/gpu/test_cuda_emulator.py tests/test_cuda_build.py
+step pytest_conformance 200 "$OUT/tests.log" "$PY" -m pytest -q -x tests/gpu/test_cuda_conformance.py
+SAN="import torch; from moe_comm.backends.cuda_emulator import MultiRankEmulator as M; e=M(2,1<<20,1<<20); d=e.device; i=[torch.randint(0,8,(64,4),device=d) for _ in range(2)]; p=e.plan(i,8,2); x=[torch.randn(64,128,device=d).bfloat16() for _ in range(2)]; o=e.dispatch(p,x,topk_idx=i,num_experts=8,num_sms=2); y=e.combine(p,[t.recv_x for t in o],num_sms=2); torch.cuda.synchronize(); e.raise_if_failed('sanitizer'); print('ok', [t.recv_x.shape[0] for t in o])"
 if command -v compute-sanitizer >/dev/null; then
   step memcheck 60 "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -c "$SAN"
   step racecheck 60 "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --error-exitcode 3 "$PY" -c "$SAN"

@@ -92,8 +92,8 @@ __device__ __forceinline__ bool last_block_to_finish(int* counter, int base) {
 }
 
 // A warp copies `bytes` (a multiple of 16, both pointers 16-byte aligned) from src to dst.
-__device__ __forceinline__ void warp_copy16(void* __restrict__ dst, const void* __restrict__ src, size_t bytes,
-                                            int lane) {
+// Plain (coherent) loads on purpose: src may be a region another GPU just wrote.
+__device__ __forceinline__ void warp_copy16(void* dst, const void* src, size_t bytes, int lane) {
   const int4* s = static_cast<const int4*>(src);
   int4* d = static_cast<int4*>(dst);
   const size_t n = bytes / 16;

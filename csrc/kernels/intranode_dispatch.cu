@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchRecvArg
     int total = 0;
     for (int s = 0; s < v.num_ranks; ++s) {
       s_start[s] = total;
-      int count = own[kSlotDispatchCount + s];  // ordered after the acquire of the flag above
+      int count = ld_acquire_sys(own + kSlotDispatchCount + s);  // written before the flag we acquired
       if (count > a.capacity_rows) {
         record_error(v.err, v.rank, s, kPhaseOverflow, a.capacity_rows, count);
         count = a.capacity_rows;

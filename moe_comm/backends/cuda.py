@@ -154,7 +154,8 @@ class CudaBackend(CommBackend):
         want_combine = round_region(max(combine_bytes, self._min_combine_bytes, mem.combine_region_bytes if mem else 0))
         if mem is not None:
             self._release(op)
-        self._mem = SymmetricBuffer.allocate_ipc(self.context.group, self._device, want_dispatch, want_combine, self.context.timeout_s)
+        self._mem = SymmetricBuffer.allocate_ipc(self._ctx(op), self._host_device, self._device, want_dispatch, want_combine,
+                                                 self.context.timeout_s)
         return self._mem
 
     def _release(self, op: str) -> None:

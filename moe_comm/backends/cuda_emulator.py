@@ -66,6 +66,17 @@ class MultiRankEmulator:
             for event in events:
                 stream.wait_event(event)
 
+    def follow(self, stream: torch.cuda.Stream) -> None:
+        """Every rank's stream waits for the work issued so far on ``stream`` (e.g. the caller's)."""
+        event = stream.record_event()
+        for s in self.streams:
+            s.wait_event(event)
+
+    def lead(self, stream: torch.cuda.Stream) -> None:
+        """``stream`` waits for the work issued so far on every rank's stream."""
+        for s in self.streams:
+            stream.wait_event(s.record_event())
+
     def destroy(self) -> None:
         torch.cuda.synchronize(self.device)
         for buf in self.buffers:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moe_comm.collectives import StepContext, all_gather_rows, wait_all
 from moe_comm.errors import CommTimeoutError
 
 __all__ = ["SymmetricBuffer", "REGION_ALIGN"]
@@ -45,6 +46,15 @@ def _ext() -> Any:
 def round_region(nbytes: int) -> int:
     """Region size for ``nbytes`` of records: at least 1 MiB, a whole number of MiB."""
     return max(REGION_ALIGN, (nbytes + REGION_ALIGN - 1) // REGION_ALIGN * REGION_ALIGN)
+
+
+def _exchange_handles(ctx: StepContext, handle: bytes, host_device: torch.device) -> list[bytes]:
+    """Every rank's IPC handle bytes, by rank."""
+    world = dist.get_world_size(ctx.group)
+    mine = torch.frombuffer(bytearray(handle), dtype=torch.uint8).reshape(1, -1).to(host_device)
+    table = torch.empty(world, mine.shape[1], dtype=torch.uint8, device=host_device)
+    wait_all(ctx, [all_gather_rows(ctx, table, mine)], "CUDA IPC handle exchange")
+    return [bytes(row) for row in table.cpu().tolist()]
 
 
 class SymmetricBuffer:
@@ -100,20 +110,21 @@ class SymmetricBuffer:
     @classmethod
     def allocate_ipc(
         cls,
-        group: dist.ProcessGroup,
+        ctx: StepContext,
+        host_device: torch.device,
         device: torch.device,
         dispatch_region_bytes: int,
         combine_region_bytes: int,
         timeout_s: float,
     ) -> SymmetricBuffer:
-        """Collective over ``group`` (one process per rank): allocate, exchange IPC handles, open the peers'."""
+        """Collective over ``ctx.group`` (one process per rank): allocate, exchange IPC handles (a bounded
+        all-gather on ``host_device``, the group's device), open the peers' handles."""
         ext = _ext()
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
         index = device.index if device.index is not None else torch.cuda.current_device()
         nbytes = cls.total_bytes(world, dispatch_region_bytes, combine_region_bytes)
         base = ext.device_alloc_zeroed(index, nbytes)
-        handles: list[Any] = [None] * world
-        dist.all_gather_object(handles, ext.ipc_get_handle(index, base), group=group)
+        handles = _exchange_handles(ctx, ext.ipc_get_handle(index, base), host_device)
         peers, opened = [], []
         try:
             for r, handle in enumerate(handles):
