@@ -335,7 +335,7 @@ def spawn(
                 dead = [r for r, p in enumerate(procs) if r not in values and p.exitcode not in (None, 0)]
                 if dead:
                     rank = dead[0]
-                    raise RankFailure(rank, f"process exited with code {procs[rank].exitcode}", fn.__qualname__)
+                    raise RankFailure(rank, f"process exited with code {procs[rank].exitcode}", fn.__qualname__) from None
                 continue
             if not ok:
                 raise RankFailure(rank, value, fn.__qualname__)

@@ -8,13 +8,16 @@ the same in reverse with a float32 reduction in rank order (docs/kernels.md). Ev
 
 The group may be NCCL (one GPU per rank) or gloo (several ranks sharing a GPU, the single-GPU test mode):
 only the small host-side exchanges (argument agreement, counts, IPC handles) go through the group.
-Limits: 1 to 8 ranks, rows a multiple of 16 bytes, top-k <= 32; low-latency mode is not implemented in
-kernels (it raises ``NotImplementedError``: use ``backend="torch"`` for it).
+Limits: 1 to 8 ranks, rows a multiple of 16 bytes, top-k <= 32. Low-latency mode runs the same kernels in
+worst-case form (``M`` rows per source, no host synchronisation) and rearranges on the device; with
+``return_recv_hook=True`` call the hook before the next operation on the same Buffer (the next send waits
+for this receive).
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,11 +37,10 @@ from moe_comm.backends.cuda_memory import SymmetricBuffer, round_region
 from moe_comm.backends.torch_backend import gather_count_matrix
 from moe_comm.collectives import StepContext, all_gather_rows, wait_all
 from moe_comm.layout import pad_to_alignment
-from moe_comm.types import DispatchHandle
+from moe_comm.types import DispatchHandle, LowLatencyHandle
 
 __all__ = ["CudaBackend", "cuda_dispatch_layout", "extension", "extension_status", "sm_copy"]
 
-_NO_LOW_LATENCY = "low-latency mode has no CUDA kernels yet; use Buffer(backend='torch') for it"
 
 
 def extension() -> Any | None:
@@ -302,10 +304,137 @@ class CudaBackend(CommBackend):
         return CombineOutput(combined_x=out, combined_topk_weights=out_weights, finish=lambda: mem.raise_if_failed("combine"))
 
     # ------------------------------------------------------------------------------------------------
-    # low-latency mode
+    # low-latency mode: the same kernels in worst-case form (M rows per source, no host synchronisation),
+    # then an expert-major rearrangement on the device
 
-    def low_latency_dispatch(self, *args: Any, **kwargs: Any) -> LowLatencyDispatchOutput:
-        raise NotImplementedError(f"cuda backend: {_NO_LOW_LATENCY}")
+    def _on_own_stream(self) -> Any:
+        """A context running on the communication stream after the caller's current stream."""
+        self._stream.wait_stream(torch.cuda.current_stream(self._device))
+        return torch.cuda.stream(self._stream)
 
-    def low_latency_combine(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(f"cuda backend: {_NO_LOW_LATENCY}")
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        use_fp8: bool,
+        return_recv_hook: bool,
+    ) -> LowLatencyDispatchOutput:
+        world, sms = self.context.world_size, self.context.num_sms
+        max_tokens = num_max_dispatch_tokens_per_rank
+        num_tokens, hidden = x.shape
+        num_topk = topk_idx.shape[1]
+        epr = num_experts // world
+        slots = world * max_tokens
+        per_rank, _, in_rank = self.get_dispatch_layout(topk_idx, num_experts)
+        payload, scales = ops.per_token_cast_fp8(x, sms) if use_fp8 else (x, None)
+        num_scales = 0 if scales is None else scales.shape[1]
+        plan = ops.make_plan(in_rank, per_rank, max_tokens, slots)
+        record = ops.dispatch_record_bytes(ops.row_bytes_of(payload), num_scales, num_topk)
+        mem = self._buffers("low_latency_dispatch", max_tokens * record, 0)
+        epoch = mem.next_epoch("dispatch")
+        rows = ops.allocate_dispatch_outputs(plan, payload, num_scales, num_topk, False, with_src=True, padded=True)
+        stream = torch.cuda.current_stream(self._device)
+        ops.dispatch_send(mem, plan, epoch, payload, scales, topk_idx, None, epr, sms, stream)
+
+        dev = self._device
+        recv_x = torch.empty(epr, slots, hidden, dtype=payload.dtype, device=dev)
+        recv_scales = torch.empty(epr, slots, num_scales, dtype=torch.float32, device=dev) if scales is not None else None
+        recv_count = torch.empty(epr, dtype=torch.int32, device=dev)
+        src_token_idx = torch.empty(epr, slots, dtype=torch.int32, device=dev)
+        src_rank = torch.empty(epr, slots, dtype=torch.int32, device=dev)
+        layout_range = torch.empty(epr, world, 2, dtype=torch.int32, device=dev)
+        slot_of = torch.empty(slots, num_topk, dtype=torch.int64, device=dev)
+        handle = LowLatencyHandle(
+            buffer_id=self.context.buffer_id, backend=self.name, num_ranks=world, num_experts=num_experts,
+            num_max_dispatch_tokens_per_rank=max_tokens, num_tokens=num_tokens, hidden=hidden, num_topk=num_topk,
+            src_token_idx=src_token_idx, src_rank=src_rank, layout_range=layout_range,
+            backend_state={"plan": plan, "local_ids": rows.recv_topk_idx, "slot_of": slot_of},
+        )
+
+        def receive() -> None:
+            with self._on_own_stream():
+                ops.dispatch_recv(mem, plan, epoch, rows, sms, self._stream)
+                local = rows.recv_topk_idx  # [R*M, K] local expert ids, -1 elsewhere and on padding
+                assert local is not None and rows.recv_src_idx is not None and rows.recv_src_rank is not None
+                hit = torch.zeros(slots, epr + 1, dtype=torch.bool, device=dev)
+                hit.scatter_(1, local + 1, True)
+                mask = hit[:, 1:].t().contiguous()  # [E_local, R*M]
+                counts = mask.sum(dim=1)
+                recv_count.copy_(counts)
+                perm = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+                filled = torch.arange(slots, device=dev).unsqueeze(0) < counts.unsqueeze(1)
+                flat = perm.flatten()
+                recv_x.view(torch.uint8).view(epr, slots, -1).copy_(rows.recv_x.view(torch.uint8).index_select(0, flat).view(epr, slots, -1))
+                if recv_scales is not None and rows.recv_scales is not None:
+                    recv_scales.copy_(rows.recv_scales.index_select(0, flat).view(epr, slots, -1))
+                src_token_idx.copy_(torch.where(filled, rows.recv_src_idx[perm], -1))
+                src_rank.copy_(torch.where(filled, rows.recv_src_rank[perm], -1))
+                from_rank = rows.recv_src_rank.unsqueeze(0) == torch.arange(world, device=dev, dtype=torch.int32).unsqueeze(1)
+                per_source = (mask.unsqueeze(1) & from_rank.unsqueeze(0)).sum(dim=2)  # [E_local, R]
+                layout_range[:, :, 1].copy_(per_source)
+                layout_range[:, :, 0].copy_(torch.cumsum(per_source, dim=1) - per_source)
+                position = torch.cumsum(mask, dim=1) - 1  # slot of each received row within its expert
+                expert_for = local.clamp_min(0)
+                slot_of.copy_(torch.where(local >= 0, expert_for * slots + position.t().gather(1, expert_for), -1))
+            torch.cuda.current_stream(dev).wait_stream(self._stream)
+            mem.raise_if_failed("low_latency_dispatch")
+
+        hook = None
+        if return_recv_hook:
+            hook = receive
+        else:
+            receive()
+        return LowLatencyDispatchOutput(recv_x=recv_x, recv_x_scales=recv_scales, recv_count=recv_count, handle=handle, hook=hook)
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        return_recv_hook: bool,
+        out: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, Callable[[], None] | None]:
+        sms, dev = self.context.num_sms, self._device
+        state = handle.backend_state
+        plan: ops.RoutingPlan = state["plan"]
+        slot_of = state["slot_of"]
+        max_tokens, hidden, num_topk = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_topk
+        slots = handle.num_ranks * max_tokens
+        # The experts' ranks need the gating weights of the tokens they hold: a cached dispatch of them (rows
+        # padded to 16 bytes), then weighted partial sums per received row in top-k order, then a float32 combine.
+        padded_k = (num_topk + 3) // 4 * 4
+        weights = torch.zeros(handle.num_tokens, padded_k, dtype=torch.float32, device=dev)
+        weights[:, :num_topk] = topk_weights.float()
+        w_record = ops.dispatch_record_bytes(padded_k * 4, 0, 0)
+        mem = self._buffers("low_latency_combine", max_tokens * w_record, max_tokens * ops.combine_record_bytes(hidden * 4, 0))
+        stream = torch.cuda.current_stream(dev)
+        d_epoch = mem.next_epoch("dispatch")
+        got = ops.allocate_dispatch_outputs(plan, weights, 0, 0, False, with_src=False, padded=True)
+        ops.dispatch_send(mem, plan, d_epoch, weights, None, None, None, 1, sms, stream)
+        ops.dispatch_recv(mem, plan, d_epoch, got, sms, stream)
+        gathered_w = got.recv_x[:, :num_topk]
+        rows = x.reshape(-1, hidden)
+        partial = torch.zeros(slots, hidden, dtype=torch.float32, device=dev)
+        for k in range(num_topk):
+            hit = slot_of[:, k] >= 0
+            picked = rows.index_select(0, slot_of[:, k].clamp_min(0)).float()
+            partial.addcmul_(picked, torch.where(hit, gathered_w[:, k], torch.zeros_like(gathered_w[:, k])).unsqueeze(1))
+        c_epoch = mem.next_epoch("combine")
+        ops.combine_send(mem, plan, c_epoch, partial, None, sms, stream)
+        combined = out if out is not None else torch.empty(handle.num_tokens, hidden, dtype=x.dtype, device=dev)
+        total = torch.empty(handle.num_tokens, hidden, dtype=torch.float32, device=dev)
+
+        def receive() -> None:
+            with self._on_own_stream():
+                ops.combine_recv(mem, plan, c_epoch, total, None, (None, None), sms, self._stream)
+                combined.copy_(total)
+            torch.cuda.current_stream(dev).wait_stream(self._stream)
+            mem.raise_if_failed("low_latency_combine")
+
+        if return_recv_hook:
+            return combined, receive
+        receive()
+        return combined, None

@@ -13,7 +13,15 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from moe_comm.model import ASSUMPTIONS, PRESETS, MoEShape, estimate_schedules, layer_traffic, sms_to_saturate, validate_deepep
+from moe_comm.model import (
+    ASSUMPTIONS,
+    PRESETS,
+    MoEShape,
+    estimate_schedules,
+    layer_traffic,
+    sms_to_saturate,
+    validate_deepep,
+)
 
 _SCENARIOS = {
     # name: (hardware preset, EP size, PP size, nodes per token)

@@ -76,11 +76,11 @@ def validate_deepep(cluster: Cluster | None = None) -> list[Comparison]:
     for ep, published in PUBLISHED_NORMAL.items():
         c = base.with_nodes(ep // base.gpus_per_node)
         shape = MoEShape(node_limit=min(4, c.nodes))
-        for op, pub in zip(("dispatch", "combine"), published):
+        for op, pub in zip(("dispatch", "combine"), published, strict=True):
             rows.append(Comparison("normal", ep, op, "GB/s", layer_traffic(c, shape, op).algorithmic_gbps(), pub))
     for ep, published in PUBLISHED_LOW_LATENCY.items():
         c = base.with_nodes(max(1, ep // base.gpus_per_node))
         shape = replace(MoEShape(tokens_per_rank=128, node_limit=0))
-        for op, pub in zip(("dispatch", "combine"), published):
+        for op, pub in zip(("dispatch", "combine"), published, strict=True):
             rows.append(Comparison("low-latency", ep, op, "us", low_latency_time_us(c, shape, op), pub))
     return rows

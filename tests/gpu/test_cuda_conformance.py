@@ -65,3 +65,9 @@ def test_num_worst_tokens(pool, routing):
 
 def test_repeated_runs_bitwise_identical(pool):
     pool.run(C.check_deterministic, BACKEND, C.Case(routing="zipf", seed=10, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("hook", [False, True], ids=["direct", "hook"])
+def test_low_latency(pool, use_fp8, hook):
+    pool.run(C.check_low_latency, BACKEND, C.Case(routing="masked", seed=9, hidden=128), use_fp8, hook)
