@@ -107,7 +107,10 @@ class MultiRankEmulator:
         num_sms: int = 20,
         outputs: Sequence[ops.DispatchOutputs] | None = None,
     ) -> list[ops.DispatchOutputs]:
-        """Dispatch every rank's ``x[r] [T_r, H]``; returns each rank's receive outputs (issued, not synchronised)."""
+        """Dispatch every rank's ``x[r] [T_r, H]``; returns each rank's receive outputs.
+
+        The work runs on the ranks' streams after the caller's current stream; call :meth:`lead` (or
+        synchronise) before using the outputs."""
         r = self.num_ranks
         none: list[None] = [None] * r
         scales = list(x_scales) if x_scales is not None else none
@@ -121,6 +124,7 @@ class MultiRankEmulator:
                 for d in range(r)
             ]
         epochs = [buf.next_epoch("dispatch") for buf in self.buffers]
+        self.follow(torch.cuda.current_stream(self.device))  # inputs were made on the caller's stream
         self.join()
         for rank in range(r):
             with torch.cuda.stream(self.streams[rank]):
@@ -146,6 +150,7 @@ class MultiRankEmulator:
         if outputs is None:
             outputs = [torch.empty(p.is_token_in_rank.shape[0], x[d].shape[1], dtype=x[d].dtype, device=self.device) for d, p in enumerate(plans)]
         epochs = [buf.next_epoch("combine") for buf in self.buffers]
+        self.follow(torch.cuda.current_stream(self.device))
         self.join()
         for rank in range(r):
             with torch.cuda.stream(self.streams[rank]):
