@@ -108,6 +108,9 @@ class CudaBackend(CommBackend):
     """
 
     name = "cuda"
+    # backend="auto" picks this backend only once the kernels have passed scripts/gpu_check.sh on a GPU
+    # (docs/gpu-log.md); until then it must be asked for by name.
+    auto_select = False
 
     @classmethod
     def available(cls) -> tuple[bool, str]:

@@ -29,7 +29,8 @@ def available_backends() -> dict[str, tuple[bool, str]]:
 
 
 def resolve_backend(name: str, *, is_nccl: bool) -> type[CommBackend]:
-    """The backend class for ``name`` (``"auto"``: ``cuda`` when usable with an NCCL group, else ``torch``)."""
+    """The backend class for ``name`` (``"auto"``: ``cuda`` when usable with an NCCL group and validated on a
+    GPU (``CudaBackend.auto_select``), else ``torch``)."""
     classes = backend_classes()
     if name == "auto":
         forced = settings().backend
@@ -37,7 +38,7 @@ def resolve_backend(name: str, *, is_nccl: bool) -> type[CommBackend]:
             name = forced
         else:
             cuda = classes.get("cuda")
-            if is_nccl and cuda is not None and cuda.available()[0]:
+            if is_nccl and cuda is not None and getattr(cuda, "auto_select", True) and cuda.available()[0]:
                 return cuda
             return TorchBackend
     if name not in classes:
