@@ -338,3 +338,51 @@ def check_deterministic(backend: str, case: Case, repeats: int = 3) -> None:
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert torch.equal(a.view(torch.uint8) if a.is_floating_point() else a, b.view(torch.uint8) if b.is_floating_point() else b)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the test functions, generated per backend (a module that wants them does
+# ``globals().update(conformance_tests("cuda"))`` next to its ``pool`` fixture)
+
+
+def conformance_tests(backend: str) -> dict[str, object]:
+    """Pytest test functions running every check above against ``backend``; each takes the ``pool`` fixture."""
+    import pytest
+
+    @pytest.mark.parametrize("routing", ROUTINGS)
+    def test_layout(pool, routing):
+        pool.run(check_layout, backend, Case(routing=routing, seed=1))
+
+    @pytest.mark.parametrize("routing", ROUTINGS)
+    def test_dispatch_combine(pool, routing):
+        pool.run(check_dispatch_combine, backend, Case(routing=routing, seed=2))
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+    def test_dispatch_combine_dtypes(pool, dtype):
+        pool.run(check_dispatch_combine, backend, Case(seed=3, dtype=dtype), given_layout=True)
+
+    def test_combine_is_x_times_ranks_reached(pool):
+        pool.run(check_combine_exact, backend, Case(routing="masked", seed=4))
+
+    def test_expert_alignment_and_async(pool):
+        pool.run(check_dispatch_combine, backend, Case(seed=5), expert_alignment=8, async_finish=True)
+
+    def test_fp8_dispatch_bit_exact(pool):
+        pool.run(check_fp8_dispatch, backend, Case(seed=6, hidden=256))
+
+    def test_cached_dispatch(pool):
+        pool.run(check_cached_dispatch, backend, Case(routing="zipf", seed=7))
+
+    @pytest.mark.parametrize("routing", ["uniform", "empty_rank"])
+    def test_num_worst_tokens(pool, routing):
+        pool.run(check_worst_tokens, backend, Case(routing=routing, seed=8))
+
+    @pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+    @pytest.mark.parametrize("hook", [False, True], ids=["direct", "hook"])
+    def test_low_latency(pool, use_fp8, hook):
+        pool.run(check_low_latency, backend, Case(routing="masked", seed=9, hidden=128), use_fp8, hook)
+
+    def test_repeated_runs_bitwise_identical(pool):
+        pool.run(check_deterministic, backend, Case(routing="zipf", seed=10, dtype=torch.bfloat16))
+
+    return {name: fn for name, fn in locals().items() if name.startswith("test_")}

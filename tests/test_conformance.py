@@ -1,65 +1,12 @@
 """Conformance of the portable backend on CPU ranks (gloo): group sizes 1, 2, 3, 4 and 8.
 
-The same check bodies (tests/conformance.py) run against the CUDA backend in tests/gpu/.
+The same tests (tests/conformance.py) run against the CUDA backend in tests/gpu/test_cuda_conformance.py.
 """
 
 from __future__ import annotations
 
-import pytest
-import torch
-
-from tests import conformance as C
+from tests.conformance import conformance_tests
 from tests.harness import pool_fixture
 
 pool = pool_fixture(1, 2, 3, 4, 8)
-BACKEND = "torch"
-
-
-def _ids(routing: str) -> str:
-    return routing
-
-
-@pytest.mark.parametrize("routing", C.ROUTINGS, ids=_ids)
-def test_layout(pool, routing):
-    pool.run(C.check_layout, BACKEND, C.Case(routing=routing, seed=1))
-
-
-@pytest.mark.parametrize("routing", C.ROUTINGS, ids=_ids)
-def test_dispatch_combine(pool, routing):
-    pool.run(C.check_dispatch_combine, BACKEND, C.Case(routing=routing, seed=2))
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_dispatch_combine_dtypes(pool, dtype):
-    pool.run(C.check_dispatch_combine, BACKEND, C.Case(seed=3, dtype=dtype), given_layout=True)
-
-
-def test_combine_is_x_times_ranks_reached(pool):
-    pool.run(C.check_combine_exact, BACKEND, C.Case(routing="masked", seed=4))
-
-
-def test_expert_alignment_and_async(pool):
-    pool.run(C.check_dispatch_combine, BACKEND, C.Case(seed=5), expert_alignment=8, async_finish=True)
-
-
-def test_fp8_dispatch_bit_exact(pool):
-    pool.run(C.check_fp8_dispatch, BACKEND, C.Case(seed=6, hidden=256))
-
-
-def test_cached_dispatch(pool):
-    pool.run(C.check_cached_dispatch, BACKEND, C.Case(routing="zipf", seed=7))
-
-
-@pytest.mark.parametrize("routing", ["uniform", "empty_rank"])
-def test_num_worst_tokens(pool, routing):
-    pool.run(C.check_worst_tokens, BACKEND, C.Case(routing=routing, seed=8))
-
-
-@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("hook", [False, True], ids=["direct", "hook"])
-def test_low_latency(pool, use_fp8, hook):
-    pool.run(C.check_low_latency, BACKEND, C.Case(routing="masked", seed=9, hidden=128), use_fp8, hook)
-
-
-def test_repeated_runs_bitwise_identical(pool):
-    pool.run(C.check_deterministic, BACKEND, C.Case(routing="zipf", seed=10, dtype=torch.bfloat16))
+globals().update(conformance_tests("torch"))

@@ -97,7 +97,25 @@ inline void check_peer_view(const PeerView& v) {
 }
 
 #ifdef __CUDACC__
+constexpr int kIntranodeThreads = 512;  // threads per block of every intranode kernel
+
 __device__ __forceinline__ int* header_of(const PeerView& v, int rank) { return reinterpret_cast<int*>(v.peers[rank]); }
+
+// A grid-stride loop over items, one warp per item.
+struct WarpIndex {
+  int lane, warp, num_warps;
+};
+__device__ __forceinline__ WarpIndex warp_index() {
+  const int warps_per_block = blockDim.x / 32;
+  return {int(threadIdx.x % 32), int(blockIdx.x * warps_per_block + threadIdx.x / 32), int(gridDim.x * warps_per_block)};
+}
+
+// Row i of a receive order that concatenates the sources' rows: its source, given start[s] (start[R] = total).
+__device__ __forceinline__ int source_of_row(const int* start, int num_ranks, int i) {
+  int s = 0;
+  while (s + 1 < num_ranks && i >= start[s + 1]) ++s;
+  return s;
+}
 #endif
 
 void launch_dispatch_send(const DispatchSendArgs& args, int num_sms, cudaStream_t stream);

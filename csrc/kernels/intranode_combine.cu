@@ -12,10 +12,7 @@
 namespace moe_comm {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
-
-__global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendArgs a) {
+__global__ void __launch_bounds__(kIntranodeThreads) combine_send_kernel(CombineSendArgs a) {
   const PeerView& v = a.view;
   int* own = header_of(v, v.rank);
   // Every token owner must have reduced what we returned in the previous epoch.
@@ -36,13 +33,10 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(CombineSendArgs 
 
   const size_t rec_bytes = combine_record_bytes(a.row_bytes, a.num_topk);
   const size_t weights_offset = align_up(a.row_bytes, 16);
-  const int lane = threadIdx.x % 32;
-  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
-  const int num_warps = gridDim.x * kWarps;
+  const auto [lane, warp, num_warps] = warp_index();
   const uint8_t* x = static_cast<const uint8_t*>(a.x);
   for (int i = warp; i < s_start[v.num_ranks]; i += num_warps) {
-    int s = 0;
-    while (s + 1 < v.num_ranks && i >= s_start[s + 1]) ++s;
+    const int s = source_of_row(s_start, v.num_ranks, i);
     const int j = i - s_start[s];
     if (j >= a.capacity_rows) {
       if (lane == 0) record_error(v.err, v.rank, s, kPhaseOverflow, a.capacity_rows, j);
@@ -75,7 +69,7 @@ template <> __device__ __forceinline__ float from_acc<float>(float x) { return x
 template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineRecvArgs a) {
+__global__ void __launch_bounds__(kIntranodeThreads) combine_recv_kernel(CombineRecvArgs a) {
   using AccT = typename Acc<T>::type;
   constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
   const PeerView& v = a.view;
@@ -87,9 +81,7 @@ __global__ void __launch_bounds__(kThreads) combine_recv_kernel(CombineRecvArgs 
   const size_t row_bytes = size_t(a.hidden) * sizeof(T);
   const size_t rec_bytes = combine_record_bytes(row_bytes, a.num_topk);
   const size_t weights_offset = align_up(row_bytes, 16);
-  const int lane = threadIdx.x % 32;
-  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
-  const int num_warps = gridDim.x * kWarps;
+  const auto [lane, warp, num_warps] = warp_index();
   const AccT* bias0 = static_cast<const AccT*>(a.bias0);
   const AccT* bias1 = static_cast<const AccT*>(a.bias1);
   T* out = static_cast<T*>(a.out);
@@ -164,7 +156,7 @@ void launch_combine_send(const CombineSendArgs& a, int num_sms, cudaStream_t str
   MC_CHECK(a.recv_counts != nullptr, "recv_counts: null pointer");
   MC_CHECK(size_t(a.capacity_rows) * combine_record_bytes(a.row_bytes, a.num_topk) <= a.view.combine_region_bytes,
            "capacity_rows exceeds the combine region");
-  combine_send_kernel<<<num_sms, kThreads, 0, stream>>>(a);
+  combine_send_kernel<<<num_sms, kIntranodeThreads, 0, stream>>>(a);
   MC_LAUNCH_CHECK();
 }
 
@@ -179,10 +171,10 @@ void launch_combine_recv(const CombineRecvArgs& a, int num_sms, cudaStream_t str
   MC_CHECK(size_t(a.capacity_rows) * combine_record_bytes(row_bytes, a.num_topk) <= a.view.combine_region_bytes,
            "capacity_rows exceeds the combine region");
   switch (a.dtype) {
-    case kBFloat16: combine_recv_kernel<__nv_bfloat16><<<num_sms, kThreads, 0, stream>>>(a); break;
-    case kFloat16: combine_recv_kernel<__half><<<num_sms, kThreads, 0, stream>>>(a); break;
-    case kFloat32: combine_recv_kernel<float><<<num_sms, kThreads, 0, stream>>>(a); break;
-    case kFloat64: combine_recv_kernel<double><<<num_sms, kThreads, 0, stream>>>(a); break;
+    case kBFloat16: combine_recv_kernel<__nv_bfloat16><<<num_sms, kIntranodeThreads, 0, stream>>>(a); break;
+    case kFloat16: combine_recv_kernel<__half><<<num_sms, kIntranodeThreads, 0, stream>>>(a); break;
+    case kFloat32: combine_recv_kernel<float><<<num_sms, kIntranodeThreads, 0, stream>>>(a); break;
+    case kFloat64: combine_recv_kernel<double><<<num_sms, kIntranodeThreads, 0, stream>>>(a); break;
   }
   MC_LAUNCH_CHECK();
 }

@@ -11,10 +11,7 @@
 namespace moe_comm {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
-
-__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchSendArgs a) {
+__global__ void __launch_bounds__(kIntranodeThreads) dispatch_send_kernel(DispatchSendArgs a) {
   const PeerView& v = a.view;
   int* own = header_of(v, v.rank);
   // Every destination must have read out what we wrote in the previous epoch before we overwrite it.
@@ -23,9 +20,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchSendArg
     return;
 
   const RecordLayout rec(a.row_bytes, a.num_scales, a.num_topk);
-  const int lane = threadIdx.x % 32;
-  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
-  const int num_warps = gridDim.x * kWarps;
+  const auto [lane, warp, num_warps] = warp_index();
   const uint8_t* x = static_cast<const uint8_t*>(a.x);
   for (int t = warp; t < a.num_tokens; t += num_warps) {
     for (int d = 0; d < v.num_ranks; ++d) {
@@ -64,7 +59,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(DispatchSendArg
   }
 }
 
-__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchRecvArgs a) {
+__global__ void __launch_bounds__(kIntranodeThreads) dispatch_recv_kernel(DispatchRecvArgs a) {
   const PeerView& v = a.view;
   int* own = header_of(v, v.rank);
   if (!block_wait_all_ranks(own, kSlotDispatchFlag, v.num_ranks, v.epoch, v.timeout_cycles, v.err, v.rank,
@@ -90,14 +85,11 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(DispatchRecvArg
   __syncthreads();
 
   const RecordLayout rec(a.row_bytes, a.num_scales, a.num_topk);
-  const int lane = threadIdx.x % 32;
-  const int warp = blockIdx.x * kWarps + threadIdx.x / 32;
-  const int num_warps = gridDim.x * kWarps;
+  const auto [lane, warp, num_warps] = warp_index();
   const int total = s_start[v.num_ranks];
   uint8_t* recv_x = static_cast<uint8_t*>(a.recv_x);
   for (int i = warp; i < total; i += num_warps) {
-    int s = 0;
-    while (s + 1 < v.num_ranks && i >= s_start[s + 1]) ++s;
+    const int s = source_of_row(s_start, v.num_ranks, i);
     const int j = i - s_start[s];
     const uint8_t* src = v.peers[v.rank] + dispatch_region_offset(s, v.dispatch_region_bytes) + size_t(j) * rec.bytes;
     warp_copy16(recv_x + size_t(i) * a.row_bytes, src, a.row_bytes, lane);
@@ -137,7 +129,7 @@ void launch_dispatch_send(const DispatchSendArgs& a, int num_sms, cudaStream_t s
   MC_CHECK(a.topk_idx == nullptr || a.experts_per_rank > 0, "experts_per_rank must be > 0 with top-k");
   MC_CHECK(size_t(a.capacity_rows) * token_record_bytes(a.row_bytes, a.num_scales, a.num_topk) <=
                a.view.dispatch_region_bytes, "capacity_rows exceeds the dispatch region");
-  dispatch_send_kernel<<<num_sms, kThreads, 0, stream>>>(a);
+  dispatch_send_kernel<<<num_sms, kIntranodeThreads, 0, stream>>>(a);
   MC_LAUNCH_CHECK();
 }
 
@@ -150,7 +142,7 @@ void launch_dispatch_recv(const DispatchRecvArgs& a, int num_sms, cudaStream_t s
   MC_CHECK(a.max_rows == 0 || a.recv_x != nullptr, "recv_x: null pointer");
   MC_CHECK(size_t(a.capacity_rows) * token_record_bytes(a.row_bytes, a.num_scales, a.num_topk) <=
                a.view.dispatch_region_bytes, "capacity_rows exceeds the dispatch region");
-  dispatch_recv_kernel<<<num_sms, kThreads, 0, stream>>>(a);
+  dispatch_recv_kernel<<<num_sms, kIntranodeThreads, 0, stream>>>(a);
   MC_LAUNCH_CHECK();
 }
 
