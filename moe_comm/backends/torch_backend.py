@@ -89,6 +89,22 @@ class _SideChannel:
             packed[:, offset : offset + data.shape[1]] = data
         return packed
 
+    def pack_tokens(self, num_tokens: int, values: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """Pack per-token values (``src_idx`` is the token index itself) into ``[T, width]`` uint8.
+
+        Gathering the packed rows afterwards (one ``index_select`` of ``width`` bytes per sent row) is
+        cheaper than gathering every field and packing the gathered rows.
+        """
+        packed = torch.zeros(num_tokens, self.width, dtype=torch.uint8, device=device)
+        for name, dtype, columns, offset in self.fields:
+            size = torch.empty(0, dtype=dtype).element_size() * columns
+            target = packed[:, offset : offset + size].view(dtype)
+            if name == "src_idx":
+                target.copy_(torch.arange(num_tokens, dtype=dtype, device=device).unsqueeze(1))
+            else:
+                target.copy_(values[name])
+        return packed
+
     def view(self, packed: torch.Tensor, name: str) -> torch.Tensor:
         for field_name, dtype, columns, offset in self.fields:
             if field_name == name:
@@ -188,19 +204,32 @@ class TorchBackend(CommBackend):
         row_valid: torch.Tensor | None,
     ) -> None:
         """Fill the received top-k outputs in place: local expert ids, weights zeroed elsewhere."""
-        experts_per_rank = request.num_experts // self._world
         local = None
         if recv_topk_idx is not None:
-            local = local_expert_ids(side.view(packed, "topk_idx"), self.context.rank, experts_per_rank)
+            local = self._local_expert_ids(side.view(packed, "topk_idx"), request.num_experts)
             if row_valid is not None:
-                local = torch.where(row_valid.unsqueeze(1), local, torch.full_like(local, -1))
+                local = torch.where(row_valid.unsqueeze(1), local, -1)
             recv_topk_idx.copy_(local)
         if recv_topk_weights is not None:
             weights = side.view(packed, "topk_weights")
             keep = local >= 0 if local is not None else None
             if keep is None and row_valid is not None:
                 keep = row_valid.unsqueeze(1).expand_as(weights)
-            recv_topk_weights.copy_(weights if keep is None else torch.where(keep, weights, torch.zeros_like(weights)))
+            recv_topk_weights.copy_(weights if keep is None else torch.where(keep, weights, 0.0))
+
+    def _local_expert_ids(self, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+        """``[N, K]`` global ids (any integer dtype) -> int64 ids local to this rank, -1 elsewhere.
+
+        Same values as :func:`moe_comm.layout.local_expert_ids` (ids outside ``[0, E)`` give -1 too),
+        with one table lookup instead of five elementwise passes.
+        """
+        experts_per_rank = num_experts // self._world
+        start = self.context.rank * experts_per_rank
+        # Entry i + 1 maps global id i; entry 0 catches ids < 0 and entry E + 1 ids >= E (after clamping).
+        table = torch.full((num_experts + 2,), -1, dtype=torch.int64, device=topk_idx.device)
+        table[start + 1 : start + 1 + experts_per_rank] = torch.arange(experts_per_rank, dtype=torch.int64, device=topk_idx.device)
+        shifted = (topk_idx + 1).clamp_(0, num_experts + 1).reshape(-1)
+        return table.index_select(0, shifted).view(topk_idx.shape)
 
     # ------------------------------------------------------------------------------------------------
     # normal mode, exact sizes
@@ -253,17 +282,16 @@ class TorchBackend(CommBackend):
         side = _SideChannel(fields) if fields else None
         recv_side = None
         if side is not None:
-            values: dict[str, torch.Tensor] = {}
-            if cached is None:
-                values["src_idx"] = send_token_idx.to(torch.int32).unsqueeze(1)
-            for name, tensor in (
-                ("topk_idx", request.topk_idx),
-                ("topk_weights", request.topk_weights),
-                ("scales", request.x_scales),
-            ):
-                if tensor is not None:
-                    values[name] = tensor.index_select(0, send_token_idx)
-            send_side = side.pack(send_token_idx.numel(), values, device)
+            values = {
+                name: tensor
+                for name, tensor in (
+                    ("topk_idx", request.topk_idx),
+                    ("topk_weights", request.topk_weights),
+                    ("scales", request.x_scales),
+                )
+                if tensor is not None
+            }
+            send_side = side.pack_tokens(num_tokens, values, device).index_select(0, send_token_idx)
             recv_side = torch.empty(num_recv, side.width, dtype=torch.uint8, device=device)
             works.append(all_to_all_rows(ctx, recv_side, send_side, recv_counts, send_counts))
 
@@ -324,8 +352,8 @@ class TorchBackend(CommBackend):
             if count_experts_on_arrival:
                 assert recv_topk_idx is not None
                 experts_per_rank = request.num_experts // world
-                local = recv_topk_idx[recv_topk_idx >= 0]
-                counts = torch.bincount(local, minlength=experts_per_rank)
+                # Shifted by one so that -1 (not a local expert) lands in bin 0: no boolean mask needed.
+                counts = torch.bincount((recv_topk_idx + 1).view(-1), minlength=experts_per_rank + 1)[1:]
                 expert_counts.extend(pad_to_alignment(counts, request.expert_alignment).tolist())
 
         return DispatchOutput(
@@ -493,17 +521,86 @@ class TorchBackend(CommBackend):
         assert handle.send_counts is not None and handle.recv_counts is not None
         send_counts, recv_counts = handle.send_counts, handle.recv_counts
         num_sent = sum(send_counts)
-        back_x = self._scratch.take((num_sent, x.shape[1]), x.dtype, device)
-        works = [all_to_all_rows(ctx, back_x, x, send_counts, recv_counts)]
+        # One spare zero row after the received ones: the slot of every (token, rank) pair that was not sent.
+        back_x = self._scratch.take((num_sent + 1, x.shape[1]), x.dtype, device)
+        back_x[num_sent].zero_()
+        works = [all_to_all_rows(ctx, back_x[:num_sent], x, send_counts, recv_counts)]
         back_w = None
         if request.topk_weights is not None:
             back_w = torch.empty(num_sent, request.topk_weights.shape[1], dtype=torch.float32, device=device)
             works.append(all_to_all_rows(ctx, back_w, request.topk_weights, send_counts, recv_counts))
         segments = self._segments(send_counts)
         token_of_row = handle.send_token_idx
-        return self._reduce_at_source(
-            ctx, works, request, back_x, back_w, [(token_of_row[a:b], a, b) for a, b in segments], "payload all_to_all"
-        )
+        pieces = [(token_of_row[a:b], a, b) for a, b in segments]
+        if device.type != "cpu":
+            return self._reduce_at_source(ctx, works, request, back_x, back_w, pieces, "payload all_to_all")
+        # slot[r, t]: the row of back_x that rank r returned for token t, or the zero row. Rows of one rank
+        # are in token order and each token reaches a rank at most once, so this is a plain scatter.
+        world = self._world
+        slot = torch.full((world, handle.num_tokens), num_sent, dtype=torch.int64, device=device)
+        if num_sent:
+            rank_of_row = torch.repeat_interleave(
+                torch.arange(world, device=device), torch.tensor(send_counts, device=device), output_size=num_sent
+            )
+            slot.index_put_((rank_of_row, token_of_row.to(torch.int64)), torch.arange(num_sent, device=device))
+        return self._reduce_dense(ctx, works, request, back_x, back_w, slot, pieces, "payload all_to_all")
+
+    def _reduce_dense(
+        self,
+        ctx: StepContext,
+        works: list[dist.Work | None],
+        request: CombineRequest,
+        back_x: torch.Tensor,
+        back_w: torch.Tensor | None,
+        slot: torch.Tensor,
+        pieces: list[tuple[torch.Tensor, int, int]],
+        step: str,
+    ) -> CombineOutput:
+        """Sum every token's returned rows in rank order, token block by token block.
+
+        Each block gathers its ``R`` rows per token (the zero row where a rank returned none) into a small
+        staging tensor and adds them up in the accumulation dtype while it is in cache; the sums, rounding
+        and order are those of :meth:`_reduce_at_source` (``0 + row_0 + row_1 + ...``), so the results
+        are bitwise the same. No scatter: every output row is written once.
+        """
+        handle, x = request.handle, request.x
+        num_tokens, hidden = handle.num_tokens, x.shape[1]
+        world = slot.shape[0]
+        acc_dtype = _accumulation_dtype(x.dtype)
+        combined = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+        combined_w = None
+        if back_w is not None:
+            combined_w = torch.empty(num_tokens, back_w.shape[1], dtype=torch.float32, device=x.device)
+        acc_size = torch.empty(0, dtype=acc_dtype).element_size()
+        # Blocks whose accumulator and staged rows stay in cache.
+        block = min(max(16, _CPU_CHUNK_BYTES // (acc_size * max(hidden, 1))), max(num_tokens, 1))
+        biases = [b for b in request.bias if b is not None]
+
+        def finish() -> None:
+            wait_all(ctx, works, step)
+            staged = self._scratch.take((world, block, hidden), x.dtype, x.device)
+            acc = self._scratch.take((block, hidden), acc_dtype, x.device)
+            for lo in range(0, num_tokens, block):
+                hi = min(lo + block, num_tokens)
+                n = hi - lo
+                rows = staged.view(-1)[: world * n * hidden].view(world, n, hidden)
+                torch.index_select(back_x, 0, slot[:, lo:hi].reshape(-1), out=rows.view(world * n, hidden))
+                a = acc[:n]
+                a.zero_()
+                for r in range(world):
+                    a.add_(rows[r])
+                for bias in biases:
+                    a.add_(bias[lo:hi].to(acc_dtype))
+                combined[lo:hi].copy_(a)
+            if combined_w is not None and back_w is not None:
+                acc_w = torch.zeros(num_tokens, back_w.shape[1], dtype=torch.float32, device=x.device)
+                for targets, start, stop in pieces:
+                    if stop > start:
+                        acc_w.index_add_(0, targets, back_w[start:stop])
+                combined_w.copy_(acc_w)
+            self._scratch.give(acc, staged, back_x)
+
+        return CombineOutput(combined_x=combined, combined_topk_weights=combined_w, finish=finish)
 
     def _combine_worst_case(self, request: CombineRequest) -> CombineOutput:
         ctx = self._ctx("combine")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,11 +25,13 @@ def time_interleaved(
     warmup: int,
     iters: int,
     group: dist.ProcessGroup | None = None,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Time several collective operations in alternation, so that they see the same machine state.
 
-    Each iteration runs every op once, in order; each run is bracketed by a barrier and a device
-    synchronisation and its time is the maximum over ranks (a collective lasts as long as its slowest rank).
+    Each iteration runs every op once, in order on even iterations and in reverse order on odd ones (so
+    that an op and the baseline next to it take each position equally often); each run is bracketed by a
+    barrier and a device synchronisation and its time is the maximum over ranks (a collective lasts as long
+    as its slowest rank).
 
     Args:
         ops: name -> zero-argument callable that runs the operation to completion.
@@ -38,13 +41,17 @@ def time_interleaved(
         group: the process group the operations use.
 
     Returns:
-        name -> ``{"median": s, "min": s, "max": s}`` of the per-iteration times in seconds, identical on
+        name -> ``{"median": s, "min": s, "max": s, "samples": [s, ...]}`` of the per-iteration times in
+        seconds (``samples`` in iteration order, so that ops of one iteration can be paired), identical on
         every rank.
     """
     names = list(ops)
     samples = torch.zeros(iters, len(names), dtype=torch.float64)
     for it in range(warmup + iters):
-        for j, name in enumerate(names):
+        order = list(enumerate(names))
+        if it % 2:
+            order.reverse()
+        for j, name in order:
             _sync(device)
             dist.barrier(group=group)
             start = time.perf_counter()
@@ -61,6 +68,7 @@ def time_interleaved(
             "median": statistics.median(gathered[:, j].tolist()),
             "min": float(gathered[:, j].min()),
             "max": float(gathered[:, j].max()),
+            "samples": gathered[:, j].tolist(),
         }
         for j, name in enumerate(names)
     }
