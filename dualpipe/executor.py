@@ -5,15 +5,17 @@ The executor walks the rank's lowered action list (:func:`dualpipe.validate.lowe
 - ``F``: run the stage module on its input (the chain's input chunk on a chain's first stage, else the
   received activation); the last stage of a chain applies the criterion to get the micro-batch's loss.
 - ``B``: full backward of the stage (from the loss, or from the received output gradient).
-- ``I``: input-gradient backward only (``torch.autograd.grad`` with the graph kept); ``W``: the deferred
-  weight-gradient backward of the same graph (``torch.autograd.backward(..., inputs=parameters)``), plus
-  any closures the model queued in this step's :class:`WeightGradStore`.
+- ``I``: input-gradient backward only (``torch.autograd.grad`` with the graph kept), recording the gradients
+  that reach the nodes where parameters hang off the input path; ``W``: the deferred weight-gradient backward,
+  which restarts the engine from those recorded gradients so only the parameter side of the graph runs again
+  (:mod:`dualpipe.split_backward`), plus any closures the model queued in this step's :class:`WeightGradStore`.
 - ``OVERLAP_F_B``: the model's ``overlapped_forward_backward`` hook when the stage module's class defines
   it (DeepSeek's signature), otherwise the forward then the backward.
-- ``SEND_*``/``RECV_*``: point-to-point transfers. Every message is a small int64 header (tensor count,
-  then per tensor its dtype and shape) followed by the tensors, so micro-batches may differ in shape
-  (variable sequence length) with no global shape list. Sends are asynchronous and waited at the end of
-  the step; receives block, bounded by the timeout. Ranks post messages in the plan's order, which the
+- ``SEND_*``/``RECV_*``: point-to-point transfers. Every transfer is one fixed-size int64 header (tensor
+  count, then per tensor its dtype and shape; a transfer of more than ``_HEADER_SLOTS`` tensors adds a second
+  header for the rest) followed by the tensors, so micro-batches may differ in shape (variable sequence
+  length) with no global shape list. Sends are asynchronous and waited at the end of the step; a receive
+  takes the header, then posts all its payload receives at once, bounded by the timeout. Ranks post messages in the plan's order, which the
   validator proved consistent with per-peer FIFO matching (NCCL matches same-peer messages in order).
 
 A failure inside an action re-raises with the schedule's rank x step grid, the failing step marked.
@@ -33,13 +35,51 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe.ir import Action, Kind, Schedule, ScheduleError
+from dualpipe.split_backward import WeightWork, input_backward, weight_backward
 from dualpipe.validate import lower_to_p2p
 
 __all__ = ["Executor", "StepInputs", "WeightGradStore"]
 
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.uint8]
 _MAX_DIMS = 8
+_SLOT_LEN = 2 + _MAX_DIMS  # per tensor: dtype code (-1: None), dim count, shape padded to _MAX_DIMS
+_HEADER_SLOTS = 8  # tensors described by the fixed-size header; more spill into a second header message
+_HEADER_LEN = 1 + _HEADER_SLOTS * _SLOT_LEN  # tensor count, then the slots
 _active_store: contextvars.ContextVar[WeightGradStore | None] = contextvars.ContextVar("dualpipe_weight_grad_store", default=None)
+
+
+def _encode_slots(tensors: Sequence[torch.Tensor | None]) -> list[int]:
+    words: list[int] = []
+    for t in tensors:
+        if t is None:
+            words += [-1, 0] + [0] * _MAX_DIMS
+            continue
+        if t.dim() > _MAX_DIMS:
+            raise ValueError(f"pipeline tensors may have at most {_MAX_DIMS} dimensions, got {t.dim()}")
+        words += [_DTYPES.index(t.dtype), t.dim(), *t.shape] + [0] * (_MAX_DIMS - t.dim())
+    return words
+
+
+def _encode_header(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """The message header: ``_HEADER_LEN`` int64 words, then, past ``_HEADER_SLOTS`` tensors, the other slots."""
+    words = [len(tensors)] + _encode_slots(tensors)
+    words += [-1] * (_HEADER_LEN - len(words))  # pad a short header; a long one is the header plus the spill
+    return torch.tensor(words, dtype=torch.int64)
+
+
+def _decode_slots(words: list[int]) -> list[tuple[torch.dtype, list[int]] | None]:
+    specs: list[tuple[torch.dtype, list[int]] | None] = []
+    for base in range(0, len(words), _SLOT_LEN):
+        code, dims = words[base], words[base + 1]
+        specs.append(None if code < 0 else (_DTYPES[code], words[base + 2 : base + 2 + dims]))
+    return specs
+
+
+def _decode_header(words: list[int]) -> list[tuple[torch.dtype, list[int]] | None]:
+    """Per tensor its ``(dtype, shape)`` or ``None``; entries past ``_HEADER_SLOTS`` are placeholders."""
+    count = words[0]
+    specs = _decode_slots(words[1 : 1 + min(count, _HEADER_SLOTS) * _SLOT_LEN])
+    return specs + [None] * (count - len(specs))
 
 
 class WeightGradStore:
@@ -130,6 +170,7 @@ class _Slot:
     output_grads: tuple[torch.Tensor | None, ...] | None = None
     input_grads: tuple[torch.Tensor | None, ...] = ()
     weight_pending: bool = False
+    weight_work: WeightWork | None = None  # what the I recorded for the W (None: the W runs a full weight backward)
 
 
 def _as_tuple(value: Any) -> tuple[torch.Tensor, ...]:
@@ -309,23 +350,38 @@ class Executor:
             slot.input_grads = tuple(t.grad for t in slot.inputs) if wrt else ()
             self._release(slot, keep_for_weights=False)
             return
-        # I: input gradients now, weight gradients at the matching W (the graph is kept until then).
+        # I: input gradients now; the W later runs only the parameter side of the graph from the gradients
+        # recorded here (dualpipe.split_backward). Without input gradients to compute (a chain's first stage)
+        # the I has nothing to do and the W runs the whole weight backward.
         self.store.begin_input_backward()
         try:
-            computed = torch.autograd.grad(roots, wrt, grads, retain_graph=True, allow_unused=True) if wrt else ()
+            if wrt:
+                computed, slot.weight_work = input_backward(roots, grads, wrt, self._params(stage))
+            else:
+                computed = ()
         finally:
             self.store.end_input_backward()
         by_id = {id(t): g for t, g in zip(wrt, computed)}
         slot.input_grads = tuple(by_id.get(id(t)) for t in slot.inputs) if wrt else ()
         slot.weight_pending = True
+        if slot.weight_work is not None:
+            self._release(slot, keep_for_weights=False)  # the recorded boundary keeps what the W needs alive
+
+    def _params(self, stage: int) -> list[torch.Tensor]:
+        return [p for p in self.stage_modules[stage].parameters() if p.requires_grad]
 
     def _weight_backward(self, slot: _Slot, stage: int) -> None:
         if not slot.weight_pending:
             raise RuntimeError("W ran before its I")
-        params = [p for p in self.stage_modules[stage].parameters() if p.requires_grad]
-        roots, grads = self._backward_roots(slot, stage)
-        if params and roots:
-            torch.autograd.backward(roots, grads, inputs=params)
+        slot.weight_pending = False
+        if slot.weight_work is not None:
+            weight_backward(slot.weight_work)
+            slot.weight_work = None
+        else:
+            params = self._params(stage)
+            roots, grads = self._backward_roots(slot, stage)
+            if params and roots:
+                torch.autograd.backward(roots, grads, inputs=params)
         self.store.pop()
         self._release(slot, keep_for_weights=False)
 
@@ -380,20 +436,9 @@ class Executor:
 
     def _send(self, stage: int | None, tensors: Sequence[torch.Tensor | None]) -> None:
         peer = self._peer(stage)
-        present = [t for t in tensors]
-        header = torch.full((1 + len(present) * (2 + _MAX_DIMS),), -1, dtype=torch.int64)
-        header[0] = len(present)
-        for i, t in enumerate(present):
-            base = 1 + i * (2 + _MAX_DIMS)
-            if t is None:
-                continue
-            if t.dim() > _MAX_DIMS:
-                raise ValueError(f"pipeline tensors may have at most {_MAX_DIMS} dimensions, got {t.dim()}")
-            header[base] = _DTYPES.index(t.dtype)
-            header[base + 1] = t.dim()
-            header[base + 2 : base + 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-        count = torch.tensor([header.numel()], dtype=torch.int64)
-        payload = [count.to(self._device), header.to(self._device)] + [t.detach().contiguous() for t in present if t is not None]
+        header = _encode_header(tensors).to(self._device)
+        parts = [header[:_HEADER_LEN], header[_HEADER_LEN:]] if header.numel() > _HEADER_LEN else [header]
+        payload = parts + [t.detach().contiguous() for t in tensors if t is not None]
         for tensor in payload:
             self._sends.append((dist.isend(tensor, peer, group=self.group), (tensor,)))
 
@@ -418,18 +463,17 @@ class Executor:
     def _recv(self, stage: int | None) -> tuple[torch.Tensor, ...]:
         peer = self._peer(stage)
         what = f"a tensor from pipeline rank {self.topology.rank_of(stage)} (stage {stage})"  # type: ignore[arg-type]
-        count = int(self._recv_one(torch.empty(1, dtype=torch.int64, device=self._device), peer, what).item())
-        header = self._recv_one(torch.empty(count, dtype=torch.int64, device=self._device), peer, what).cpu()
-        tensors: list[torch.Tensor] = []
-        for i in range(int(header[0])):
-            base = 1 + i * (2 + _MAX_DIMS)
-            code = int(header[base])
-            if code < 0:
-                tensors.append(None)  # type: ignore[arg-type]
-                continue
-            shape = header[base + 2 : base + 2 + int(header[base + 1])].tolist()
-            tensors.append(self._recv_one(torch.empty(shape, dtype=_DTYPES[code], device=self._device), peer, what))
-        return tuple(tensors)
+        header = self._recv_one(torch.empty(_HEADER_LEN, dtype=torch.int64, device=self._device), peer, what)
+        specs = _decode_header(header.tolist())
+        if len(specs) > _HEADER_SLOTS:  # more tensors than one header describes: the rest follow in a second header
+            extra = self._recv_one(torch.empty((len(specs) - _HEADER_SLOTS) * _SLOT_LEN, dtype=torch.int64, device=self._device), peer, what)
+            specs = specs[:_HEADER_SLOTS] + _decode_slots(extra.tolist())
+        received = [torch.empty(spec[1], dtype=spec[0], device=self._device) if spec is not None else None for spec in specs]
+        # Post every payload receive at once (they match the sender's isends in order), then wait on them.
+        works = [dist.irecv(t, peer, group=self.group) for t in received if t is not None]
+        for work in works:
+            self._wait(work, what)
+        return tuple(received)  # type: ignore[arg-type]
 
     def _wait_sends(self) -> None:
         for work, _keep in self._sends:

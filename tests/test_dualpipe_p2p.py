@@ -1,0 +1,81 @@
+"""Executor transfers with more tensors than one fixed-size header describes, some of them integer (no gradient).
+
+Stages pass ``2 * _HEADER_SLOTS + 1`` tensors (the header spills into a second message) including an int64
+counter, under 1F1B (full backward) and ZB1P (split I/W backward), against a single-process reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dualpipe import PipelineRunner
+from dualpipe.executor import _HEADER_LEN, _HEADER_SLOTS, _decode_header, _encode_header
+from tests.harness import pool_fixture
+
+pool = pool_fixture(2)
+HIDDEN = 4
+WIDTH = 2 * _HEADER_SLOTS + 1  # tensors per transfer
+
+
+class Wide(nn.Module):
+    """Takes and returns ``WIDTH`` tensors: float ones, and an int64 step counter at index 1."""
+
+    def __init__(self, stage: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(50 + stage)
+        self.w = nn.Parameter(torch.randn(HIDDEN, HIDDEN, generator=gen, dtype=torch.float64) / 2)
+
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(xs) == 1:  # the first stage gets the raw input
+            xs = (xs[0], torch.zeros(xs[0].shape[0], dtype=torch.int64)) + tuple(xs[0] * k for k in range(2, WIDTH))
+        floats = [x for i, x in enumerate(xs) if i != 1]
+        mixed = torch.tanh(sum(floats) @ self.w)
+        return tuple(xs[1] + 1 if i == 1 else mixed * (i + 1) + xs[i] for i in range(WIDTH))
+
+
+def criterion(*args: torch.Tensor) -> torch.Tensor:
+    *outs, label = args
+    assert torch.equal(outs[1], torch.full_like(outs[1], dist.get_world_size()))
+    return sum(((o - label) ** 2).mean() for i, o in enumerate(outs) if i != 1)
+
+
+def _run(name: str):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    num_chunks = 2 * world
+    runner = PipelineRunner(name, {rank: Wide(rank)})
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2 * num_chunks, HIDDEN, generator=gen, dtype=torch.float64)
+    y = torch.randn(2 * num_chunks, HIDDEN, generator=gen, dtype=torch.float64)
+    loss, _ = runner.step(x, num_chunks=num_chunks, criterion=criterion, labels=(y,))
+    stages = [Wide(s) for s in range(world)]
+    ref = []
+    for xc, yc in zip(torch.tensor_split(x, num_chunks), torch.tensor_split(y, num_chunks)):
+        h = (xc,)
+        for m in stages:
+            h = m(*h)
+        value = criterion(*h, yc)
+        value.backward()
+        ref.append(value.detach())
+    grad, ref_grad = runner.stages[str(rank)].w.grad, stages[rank].w.grad
+    assert ((grad - ref_grad).norm() <= 1e-12 * ref_grad.norm()).item(), f"rank {rank}: gradient differs"
+    if rank == world - 1:
+        assert torch.equal(loss, torch.stack(ref))
+    return True
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb1p"])
+def test_wide_transfers(pool, name):
+    assert all(pool.run(_run, name))
+
+
+def test_header_roundtrip():
+    tensors = [torch.zeros(2, 3), None, torch.zeros((), dtype=torch.int64)] + [torch.zeros(1, 1, 1, dtype=torch.bfloat16)] * 7
+    header = _encode_header(tensors)
+    assert header.numel() == _HEADER_LEN + 2 * (2 + 8)
+    specs = _decode_header(header[:_HEADER_LEN].tolist())
+    assert len(specs) == len(tensors)
+    assert specs[0] == (torch.float32, [2, 3]) and specs[1] is None and specs[2] == (torch.int64, [])
+    assert _encode_header(tensors[:3]).numel() == _HEADER_LEN
