@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One command for the GPU machine: build, GPU tests, sanitizers, CUDA bench; logs + summary under OUTDIR.
 # Usage: scripts/gpu_check.sh OUTDIR      (python3 on PATH, no venv, no network; total < 9 minutes)
+# Afterwards, on the development machine: python scripts/record_gpu_run.py OUTDIR "<device name>" writes the
+# benchmarks/results JSON and prints a docs/gpu-log.md draft.
 # Writes at most 8 files directly in OUTDIR: build.log tests.log junit.xml sanitizer.log bench.log
 # bench_cuda.json (+ bench_cuda.png) summary.json
 set -u
