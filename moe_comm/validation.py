@@ -145,14 +145,18 @@ class AgreementHeader:
         ("max_tokens", "num_max_dispatch_tokens_per_rank"),
     )
 
-    def encode(self, error: bool) -> torch.Tensor:
+    def values(self, error: bool) -> list[int]:
+        """The header as integers: operation code, error flag, then the fields of ``_NAMES`` in order."""
         values = [_OP_CODES[self.op], int(error)]
         for name, _ in self._NAMES:
             value = getattr(self, name)
             if name == "dtype":
                 value = -1 if value is None else _DTYPE_CODES.get(value, 0)
             values.append(int(value))
-        return torch.tensor(values, dtype=torch.int64)
+        return values
+
+    def encode(self, error: bool) -> torch.Tensor:
+        return torch.tensor(self.values(error), dtype=torch.int64)
 
 
 def agree(
@@ -187,17 +191,22 @@ def agree(
         if local_error is not None:
             raise local_error
         return None if rows_per_rank is None else rows_per_rank.reshape(1, 1).to("cpu", torch.int64)
-    counts = torch.zeros(world + 1, dtype=torch.int64)
+    # Built and read back as Python lists: one tensor in, one host copy out, no per-field tensor ops
+    # (this step runs before every dispatch and combine, so its fixed cost counts).
+    counts = [0] * (world + 1)
     if rows_per_rank is not None and local_error is None:
-        counts[0] = 1
-        counts[1:] = rows_per_rank.reshape(-1).to("cpu", torch.int64)
-    row = torch.cat([header.encode(local_error is not None), counts]).to(device).unsqueeze(0)
-    table = torch.empty(world, row.shape[1], dtype=torch.int64, device=device)
-    wait_all(ctx, [all_gather_rows(ctx, table, row)], f"{header.op} argument agreement")
-    table = table.cpu()
-    counts_table = table[:, -(world + 1) :]
-    table = table[:, : -(world + 1)]
-    failed = [r for r in range(world) if table[r, 1] != 0]
+        sending = [int(v) for v in rows_per_rank.reshape(-1).tolist()]
+        if len(sending) != world:
+            raise ValueError(f"rows_per_rank: expected {world} counts (one per rank), got {len(sending)}")
+        counts = [1] + sending
+    values = header.values(local_error is not None) + counts
+    row = torch.tensor(values, dtype=torch.int64).to(device).unsqueeze(0)
+    table_t = torch.empty(world, len(values), dtype=torch.int64, device=device)
+    wait_all(ctx, [all_gather_rows(ctx, table_t, row)], f"{header.op} argument agreement")
+    full = table_t.tolist()
+    counts_table = [r[-(world + 1) :] for r in full]
+    table = [r[: -(world + 1)] for r in full]
+    failed = [r for r in range(world) if table[r][1] != 0]
     if failed:
         messages: list[object] = [None] * world
         dist.all_gather_object(messages, None if local_error is None else f"{type(local_error).__name__}: {local_error}", group=ctx.group)
@@ -205,7 +214,7 @@ def agree(
             raise local_error
         first = failed[0]
         raise PeerArgumentError(f"rank {ctx.rank}: {header.op} stopped because rank {first} rejected its arguments: {messages[first]}")
-    ops = table[:, 0].tolist()
+    ops = [r[0] for r in table]
     if len(set(ops)) > 1:
         names = {code: name for name, code in _OP_CODES.items()}
         raise RuntimeError(
@@ -214,12 +223,12 @@ def agree(
             + "; every rank of the group must call the same Buffer methods in the same order"
         )
     for column, (name, argument) in enumerate(AgreementHeader._NAMES, start=2):
-        values = table[:, column].tolist()
+        values = [r[column] for r in table]
         if len(set(values)) > 1:
             if name == "dtype":
                 codes = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
                 values = [codes.get(v, v) for v in values]
             raise ValueError(f"{argument} differs between ranks in {header.op}: {values} (rank order); every rank must pass the same")
-    if bool(counts_table[:, 0].all()):
-        return counts_table[:, 1:].contiguous()
+    if all(c[0] for c in counts_table):
+        return torch.tensor([c[1:] for c in counts_table], dtype=torch.int64)
     return None
