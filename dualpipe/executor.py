@@ -11,12 +11,14 @@ The executor walks the rank's lowered action list (:func:`dualpipe.validate.lowe
   (:mod:`dualpipe.split_backward`), plus any closures the model queued in this step's :class:`WeightGradStore`.
 - ``OVERLAP_F_B``: the model's ``overlapped_forward_backward`` hook when the stage module's class defines
   it (DeepSeek's signature), otherwise the forward then the backward.
-- ``SEND_*``/``RECV_*``: point-to-point transfers. Every transfer is one fixed-size int64 header (tensor
-  count, then per tensor its dtype and shape; a transfer of more than ``_HEADER_SLOTS`` tensors adds a second
-  header for the rest) followed by the tensors, so micro-batches may differ in shape (variable sequence
-  length) with no global shape list. Sends are asynchronous and waited at the end of the step; a receive
-  takes the header, then posts all its payload receives at once, bounded by the timeout. Ranks post messages in the plan's order, which the
-  validator proved consistent with per-peer FIFO matching (NCCL matches same-peer messages in order).
+- ``SEND_*``/``RECV_*``: point-to-point transfers (:mod:`dualpipe.p2p`). Every transfer is one fixed-size
+  int64 header (tensor count, then per tensor its dtype and shape) followed by the tensors, so micro-batches
+  may differ in shape (variable sequence length) with no global shape list; a receive of the same layout as
+  the previous one on its channel is posted whole, header and payload together. Sends are asynchronous and
+  waited at the end of the step; on CPU (gloo) each receive is posted as soon as the previous one from the
+  same peer is, and waited at its ``RECV``, bounded by the timeout. Ranks post messages in the plan's order,
+  which the validator proved consistent with per-peer FIFO matching (NCCL matches same-peer messages in
+  order).
 
 A failure inside an action re-raises with the schedule's rank x step grid, the failing step marked.
 """
@@ -24,8 +26,6 @@ A failure inside an action re-raises with the schedule's rank x step grid, the f
 from __future__ import annotations
 
 import contextvars
-import datetime
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,51 +35,13 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe.ir import Action, Kind, Schedule, ScheduleError
+from dualpipe.p2p import TransferId, Transport
 from dualpipe.split_backward import WeightWork, input_backward, weight_backward
 from dualpipe.validate import lower_to_p2p
 
 __all__ = ["Executor", "StepInputs", "WeightGradStore"]
 
-_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.uint8]
-_MAX_DIMS = 8
-_SLOT_LEN = 2 + _MAX_DIMS  # per tensor: dtype code (-1: None), dim count, shape padded to _MAX_DIMS
-_HEADER_SLOTS = 8  # tensors described by the fixed-size header; more spill into a second header message
-_HEADER_LEN = 1 + _HEADER_SLOTS * _SLOT_LEN  # tensor count, then the slots
 _active_store: contextvars.ContextVar[WeightGradStore | None] = contextvars.ContextVar("dualpipe_weight_grad_store", default=None)
-
-
-def _encode_slots(tensors: Sequence[torch.Tensor | None]) -> list[int]:
-    words: list[int] = []
-    for t in tensors:
-        if t is None:
-            words += [-1, 0] + [0] * _MAX_DIMS
-            continue
-        if t.dim() > _MAX_DIMS:
-            raise ValueError(f"pipeline tensors may have at most {_MAX_DIMS} dimensions, got {t.dim()}")
-        words += [_DTYPES.index(t.dtype), t.dim(), *t.shape] + [0] * (_MAX_DIMS - t.dim())
-    return words
-
-
-def _encode_header(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """The message header: ``_HEADER_LEN`` int64 words, then, past ``_HEADER_SLOTS`` tensors, the other slots."""
-    words = [len(tensors)] + _encode_slots(tensors)
-    words += [-1] * (_HEADER_LEN - len(words))  # pad a short header; a long one is the header plus the spill
-    return torch.tensor(words, dtype=torch.int64)
-
-
-def _decode_slots(words: list[int]) -> list[tuple[torch.dtype, list[int]] | None]:
-    specs: list[tuple[torch.dtype, list[int]] | None] = []
-    for base in range(0, len(words), _SLOT_LEN):
-        code, dims = words[base], words[base + 1]
-        specs.append(None if code < 0 else (_DTYPES[code], words[base + 2 : base + 2 + dims]))
-    return specs
-
-
-def _decode_header(words: list[int]) -> list[tuple[torch.dtype, list[int]] | None]:
-    """Per tensor its ``(dtype, shape)`` or ``None``; entries past ``_HEADER_SLOTS`` are placeholders."""
-    count = words[0]
-    specs = _decode_slots(words[1 : 1 + min(count, _HEADER_SLOTS) * _SLOT_LEN])
-    return specs + [None] * (count - len(specs))
 
 
 class WeightGradStore:
@@ -220,12 +182,14 @@ class Executor:
         """
         self._slots: dict[tuple[int, int], _Slot] = {}
         self._inputs = inputs
-        self._sends: list[tuple[dist.Work, tuple[torch.Tensor, ...]]] = []
         self._losses: dict[int, dict[int, torch.Tensor]] = {}
         self._outputs: dict[int, dict[int, tuple[torch.Tensor, ...]]] = {}
         self.store.clear()
         token = _active_store.set(self.store)
         actions = self.lowered.ranks[self.rank]
+        self._transport = Transport(
+            self.group, self._device, self.timeout_s, self.rank, self._receives(actions, forward_only), lookahead=self._device.type != "cuda"
+        )
         try:
             for step, action in enumerate(actions):
                 try:
@@ -237,7 +201,7 @@ class Executor:
                         f"dualpipe rank {self.rank}: action {action} (step {step}) failed: {type(exc).__name__}: {exc}\n"
                         + self.lowered.format_grid(mark=(self.rank, step))
                     ) from exc
-            self._wait_sends()
+            self._transport.finish()
         finally:
             _active_store.reset(token)
         losses = {c: [v[mb] for mb in sorted(v)] for c, v in self._losses.items()}
@@ -270,18 +234,18 @@ class Executor:
             if not forward_only:
                 self._backward(action)
         elif kind is Kind.SEND_F:
-            self._send(self.topology.next_stage(action.stage), self._slot(action.stage, action.microbatch).outputs)
+            self._send("F", action, self._slot(action.stage, action.microbatch).outputs)
         elif kind is Kind.RECV_F:
-            received = self._recv(self.topology.prev_stage(action.stage))
+            received = self._recv("F", action)
             self._slot(action.stage, action.microbatch).inputs = tuple(
                 t.requires_grad_(t.is_floating_point() and not forward_only) for t in received
             )
         elif kind is Kind.SEND_B:
             if not forward_only:
-                self._send(self.topology.prev_stage(action.stage), self._slot(action.stage, action.microbatch).input_grads)
+                self._send("B", action, self._slot(action.stage, action.microbatch).input_grads)
         elif kind is Kind.RECV_B:
             if not forward_only:
-                self._slot(action.stage, action.microbatch).output_grads = self._recv(self.topology.next_stage(action.stage))
+                self._slot(action.stage, action.microbatch).output_grads = self._recv("B", action)
         else:  # pragma: no cover - every kind is handled above
             raise AssertionError(kind)
 
@@ -434,48 +398,25 @@ class Executor:
         assert stage is not None
         return self.peer_ranks[self.topology.rank_of(stage)]
 
-    def _send(self, stage: int | None, tensors: Sequence[torch.Tensor | None]) -> None:
-        peer = self._peer(stage)
-        header = _encode_header(tensors).to(self._device)
-        parts = [header[:_HEADER_LEN], header[_HEADER_LEN:]] if header.numel() > _HEADER_LEN else [header]
-        payload = parts + [t.detach().contiguous() for t in tensors if t is not None]
-        for tensor in payload:
-            self._sends.append((dist.isend(tensor, peer, group=self.group), (tensor,)))
+    def _receives(self, actions: Sequence[Action], forward_only: bool) -> list[tuple[int, TransferId]]:
+        """This rank's receives in plan order: ``(peer, (direction, sending stage, micro-batch))``."""
+        out: list[tuple[int, TransferId]] = []
+        for action in actions:
+            if action.kind is Kind.RECV_F:
+                sender = self.topology.prev_stage(action.stage)
+                out.append((self._peer(sender), ("F", sender, action.microbatch)))  # type: ignore[arg-type]
+            elif action.kind is Kind.RECV_B and not forward_only:
+                sender = self.topology.next_stage(action.stage)
+                out.append((self._peer(sender), ("B", sender, action.microbatch)))  # type: ignore[arg-type]
+        return out
 
-    def _wait(self, work: dist.Work, what: str) -> None:
-        if self._device.type == "cuda":
-            deadline = time.monotonic() + self.timeout_s
-            while not work.is_completed():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"dualpipe rank {self.rank}: timed out after {self.timeout_s:g} s waiting for {what}")
-                time.sleep(20e-6)
-            work.wait()
-            return
-        try:
-            work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
-        except RuntimeError as exc:
-            raise TimeoutError(f"dualpipe rank {self.rank}: timed out after {self.timeout_s:g} s waiting for {what}: {exc}") from exc
+    def _send(self, direction: str, action: Action, tensors: Sequence[torch.Tensor | None]) -> None:
+        stage = action.stage
+        receiver = self.topology.next_stage(stage) if direction == "F" else self.topology.prev_stage(stage)
+        self._transport.send(self._peer(receiver), (direction, stage, action.microbatch), tensors)  # type: ignore[arg-type]
 
-    def _recv_one(self, tensor: torch.Tensor, peer: int, what: str) -> torch.Tensor:
-        self._wait(dist.irecv(tensor, peer, group=self.group), what)
-        return tensor
-
-    def _recv(self, stage: int | None) -> tuple[torch.Tensor, ...]:
-        peer = self._peer(stage)
-        what = f"a tensor from pipeline rank {self.topology.rank_of(stage)} (stage {stage})"  # type: ignore[arg-type]
-        header = self._recv_one(torch.empty(_HEADER_LEN, dtype=torch.int64, device=self._device), peer, what)
-        specs = _decode_header(header.tolist())
-        if len(specs) > _HEADER_SLOTS:  # more tensors than one header describes: the rest follow in a second header
-            extra = self._recv_one(torch.empty((len(specs) - _HEADER_SLOTS) * _SLOT_LEN, dtype=torch.int64, device=self._device), peer, what)
-            specs = specs[:_HEADER_SLOTS] + _decode_slots(extra.tolist())
-        received = [torch.empty(spec[1], dtype=spec[0], device=self._device) if spec is not None else None for spec in specs]
-        # Post every payload receive at once (they match the sender's isends in order), then wait on them.
-        works = [dist.irecv(t, peer, group=self.group) for t in received if t is not None]
-        for work in works:
-            self._wait(work, what)
-        return tuple(received)  # type: ignore[arg-type]
-
-    def _wait_sends(self) -> None:
-        for work, _keep in self._sends:
-            self._wait(work, "a send to complete")
-        self._sends.clear()
+    def _recv(self, direction: str, action: Action) -> tuple[torch.Tensor, ...]:
+        stage = action.stage
+        sender = self.topology.prev_stage(stage) if direction == "F" else self.topology.next_stage(stage)
+        what = f"a tensor from pipeline rank {self.topology.rank_of(sender)} (stage {sender})"  # type: ignore[arg-type]
+        return self._transport.recv(self._peer(sender), (direction, sender, action.microbatch), what)  # type: ignore[arg-type,return-value]

@@ -1,0 +1,215 @@
+"""Point-to-point transfers of one pipeline step: variable shapes without a shape list, receives posted early.
+
+A *transfer* is one ``SEND_*``/``RECV_*`` pair of the lowered plan: a tuple of tensors (entries may be
+``None``) from a sending stage to the next (``"F"``) or previous (``"B"``) one. On the wire it is one fixed-size
+int64 header, ``[count, layout, slots...]`` with per tensor its dtype code (-1: ``None``), dim count and
+padded shape, followed by the tensors. ``layout`` says whether the payload has the *predicted* layout: the
+layout of the previous transfer on the same channel (same direction, same sending stage) in this step, which
+sender and receiver both know. The receiver posts the header receive and the predicted payload receives
+together, so a step's micro-batches after the first on each channel cost one rendezvous, not two. When the
+layout differs from the prediction (or there is none), the sender follows the header with zero-filled tensors
+of the predicted layout (taken by the receives already posted), then, past ``_HEADER_SLOTS`` tensors, a
+second header with the remaining slots, then the payload, which the receiver receives into buffers it posts
+after reading the header.
+
+With ``lookahead`` (gloo on CPU), a receive is posted as soon as the previous receive from the same peer has
+been posted in full, long before the plan's ``RECV`` that waits on it, so the transfer proceeds while this
+rank computes. Messages between two ranks still match in the order posted (the order the validator proved
+consistent); NCCL runs without lookahead, since a receive posted early would hold back later operations on
+the same communicator stream.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Transport", "TransferId"]
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.uint8]
+_MAX_DIMS = 8
+_SLOT_LEN = 2 + _MAX_DIMS  # per tensor: dtype code (-1: None), dim count, shape padded to _MAX_DIMS
+_HEADER_SLOTS = 8  # tensors the fixed-size header describes; a transfer of more sends the rest in a second header
+_HEADER_LEN = 2 + _HEADER_SLOTS * _SLOT_LEN  # tensor count, layout flag, slots
+
+Spec = tuple[torch.dtype, tuple[int, ...]] | None
+TransferId = tuple[str, int, int]  # ("F" or "B", sending stage, micro-batch)
+
+
+def _spec(t: torch.Tensor | None) -> Spec:
+    return None if t is None else (t.dtype, tuple(t.shape))
+
+
+def _encode_slots(specs: Sequence[Spec]) -> list[int]:
+    words: list[int] = []
+    for spec in specs:
+        if spec is None:
+            words += [-1, 0] + [0] * _MAX_DIMS
+            continue
+        dtype, shape = spec
+        if len(shape) > _MAX_DIMS:
+            raise ValueError(f"pipeline tensors may have at most {_MAX_DIMS} dimensions, got {len(shape)}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"pipeline tensors must have one of the dtypes {_DTYPES}, got {dtype}")
+        words += [_DTYPES.index(dtype), len(shape), *shape] + [0] * (_MAX_DIMS - len(shape))
+    return words
+
+
+def _decode_slots(words: Sequence[int]) -> list[Spec]:
+    specs: list[Spec] = []
+    for base in range(0, len(words), _SLOT_LEN):
+        code, dims = words[base], words[base + 1]
+        specs.append(None if code < 0 else (_DTYPES[code], tuple(words[base + 2 : base + 2 + dims])))
+    return specs
+
+
+def encode_header(specs: Sequence[Spec], as_predicted: bool) -> torch.Tensor:
+    """``_HEADER_LEN`` words, then (more than ``_HEADER_SLOTS`` tensors) the remaining slots: the second header."""
+    words = [len(specs), int(as_predicted)] + _encode_slots(specs)
+    words += [-1] * (_HEADER_LEN - len(words))
+    return torch.tensor(words, dtype=torch.int64)
+
+
+def decode_header(words: Sequence[int]) -> tuple[int, bool, list[Spec]]:
+    """``(tensor count, as_predicted, specs of the first min(count, _HEADER_SLOTS) tensors)``."""
+    count = words[0]
+    return count, bool(words[1]), _decode_slots(words[2 : 2 + min(count, _HEADER_SLOTS) * _SLOT_LEN])
+
+
+def _empty(spec: Spec, device: torch.device) -> torch.Tensor | None:
+    return None if spec is None else torch.empty(spec[1], dtype=spec[0], device=device)
+
+
+@dataclass
+class _Posted:
+    header: torch.Tensor
+    works: list[dist.Work]  # the header's, then the predicted payload's
+    predicted: list[Spec] | None
+    buffers: list[torch.Tensor | None] = field(default_factory=list)
+
+
+class Transport:
+    """One step's transfers for one rank.
+
+    Args:
+        group: the process group; peers are ranks of it.
+        device: where received tensors go.
+        timeout_s: bound on every wait.
+        rank: this rank's plan rank (for messages).
+        receives: this rank's receives in plan order, each ``(peer, transfer id)``.
+        lookahead: post each receive as early as the per-peer message order allows (gloo).
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        device: torch.device,
+        timeout_s: float,
+        rank: int,
+        receives: Iterable[tuple[int, TransferId]],
+        lookahead: bool,
+    ) -> None:
+        self.group = group
+        self.device = device
+        self.timeout_s = timeout_s
+        self.rank = rank
+        self.lookahead = lookahead
+        self._order: dict[int, deque[TransferId]] = {}
+        for peer, tid in receives:
+            self._order.setdefault(peer, deque()).append(tid)
+        self._posted: dict[TransferId, _Posted] = {}
+        self._sent_layout: dict[tuple[str, int], list[Spec]] = {}
+        self._received_layout: dict[tuple[str, int], list[Spec]] = {}
+        self._sends: list[tuple[dist.Work, torch.Tensor]] = []
+        if lookahead:
+            for peer, queue in self._order.items():
+                self._post(peer, queue[0])
+
+    # --- waiting -----------------------------------------------------------------------------------
+    def wait(self, work: dist.Work, what: str) -> None:
+        if self.device.type == "cuda":
+            deadline = time.monotonic() + self.timeout_s
+            while not work.is_completed():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"dualpipe rank {self.rank}: timed out after {self.timeout_s:g} s waiting for {what}")
+                time.sleep(20e-6)
+            work.wait()
+            return
+        try:
+            work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+        except RuntimeError as exc:
+            raise TimeoutError(f"dualpipe rank {self.rank}: timed out after {self.timeout_s:g} s waiting for {what}: {exc}") from exc
+
+    # --- sending -----------------------------------------------------------------------------------
+    def send(self, peer: int, tid: TransferId, tensors: Sequence[torch.Tensor | None]) -> None:
+        channel = (tid[0], tid[1])
+        layout = [_spec(t) for t in tensors]
+        predicted = self._sent_layout.get(channel)
+        as_predicted = predicted == layout
+        header = encode_header(layout, as_predicted).to(self.device)
+        messages = [header[:_HEADER_LEN]]
+        if not as_predicted:
+            if predicted is not None:  # fill the receives the peer posted for the predicted layout
+                messages += [torch.zeros(s[1], dtype=s[0], device=self.device) for s in predicted if s is not None]
+            if header.numel() > _HEADER_LEN:
+                messages.append(header[_HEADER_LEN:])
+        messages += [t.detach().contiguous() for t in tensors if t is not None]
+        self._sent_layout[channel] = layout
+        for tensor in messages:
+            self._sends.append((dist.isend(tensor, peer, group=self.group), tensor))
+
+    def finish(self) -> None:
+        """Wait for every send of the step."""
+        for work, _keep in self._sends:
+            self.wait(work, "a send to complete")
+        self._sends.clear()
+
+    # --- receiving ---------------------------------------------------------------------------------
+    def _irecv(self, tensor: torch.Tensor, peer: int) -> dist.Work:
+        return dist.irecv(tensor, peer, group=self.group)
+
+    def _post(self, peer: int, tid: TransferId) -> None:
+        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
+        works = [self._irecv(header, peer)]
+        predicted = self._received_layout.get((tid[0], tid[1]))
+        posted = _Posted(header, works, predicted)
+        if predicted is not None:
+            posted.buffers = [_empty(s, self.device) for s in predicted]
+            works += [self._irecv(b, peer) for b in posted.buffers if b is not None]
+        self._posted[tid] = posted
+
+    def recv(self, peer: int, tid: TransferId, what: str) -> tuple[torch.Tensor | None, ...]:
+        """Receive transfer ``tid`` from ``peer`` (it must be the next one the plan receives from that peer)."""
+        queue = self._order.get(peer)
+        if not queue or queue[0] != tid:
+            raise RuntimeError(f"dualpipe rank {self.rank}: receive {tid} out of plan order (expected {queue[0] if queue else None})")
+        if tid not in self._posted:
+            self._post(peer, tid)
+        posted = self._posted.pop(tid)
+        self.wait(posted.works[0], what)
+        count, as_predicted, layout = decode_header(posted.header.tolist())
+        payload_works = posted.works[1:]
+        if as_predicted:
+            if posted.predicted is None or len(posted.predicted) != count or posted.predicted[: len(layout)] != layout:
+                raise RuntimeError(f"dualpipe rank {self.rank}: {what}: the sender's layout prediction disagrees with this rank's")
+            received = posted.buffers
+        else:  # the predicted buffers (if any) take filler; the payload follows
+            if count > _HEADER_SLOTS:
+                spill = torch.empty((count - _HEADER_SLOTS) * _SLOT_LEN, dtype=torch.int64, device=self.device)
+                self.wait(self._irecv(spill, peer), what)
+                layout += _decode_slots(spill.tolist())
+            received = [_empty(s, self.device) for s in layout]
+            payload_works += [self._irecv(t, peer) for t in received if t is not None]
+        self._received_layout[(tid[0], tid[1])] = layout if not as_predicted else posted.predicted  # type: ignore[assignment]
+        queue.popleft()
+        if self.lookahead and queue:
+            self._post(peer, queue[0])
+        for work in payload_works:
+            self.wait(work, what)
+        return tuple(received)
