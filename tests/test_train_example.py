@@ -1,4 +1,4 @@
-"""examples/train_moe.py: the loss falls, and EP training equals a single-process run of the same global batch."""
+"""examples/train_moe.py: the loss falls, and EP, PP and PP x EP training equal a single-process run of the same global batch."""
 
 from __future__ import annotations
 
@@ -116,3 +116,31 @@ def _overlapped_equals_sequential():
 
 def test_overlapped_forward_backward_equals_sequential(pool):
     assert all(pool.run(_overlapped_equals_sequential))
+
+
+pool4 = pool_fixture(4)
+
+
+def _pp_ep_vs_single(steps: int):
+    """PP 2 x EP 2 on 4 ranks (the example's own grid) against one process training the same global batch."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tc = _small(steps=steps, ep=2, pp=2, chunks=4)
+    tc = dataclasses.replace(tc, model=dataclasses.replace(tc.model, layers=4))  # 2 PP ranks x 2 DualPipeV stages: a layer each
+    ep_group, pp_group = train_moe._grid(tc)
+    singles = [dist.new_group([r]) for r in range(world)]
+    grid_history = train_moe.train(tc, ep_group, pp_group, quiet=True)
+    ref_tc = dataclasses.replace(tc, ep=1, pp=1, batch=tc.batch * tc.ep)
+    ref_history = train_moe.train(ref_tc, singles[rank], None, quiet=True) if rank == 0 else None
+    return grid_history["loss"], ref_history["loss"] if ref_history is not None else None
+
+
+def test_pipeline_x_expert_parallel_training_matches_single_process(pool4):
+    if train_moe._dualpipev() is None:
+        pytest.skip("dualpipe.DualPipeV (the pipeline runtime) is not available in this checkout")
+    results = pool4.run(_pp_ep_vs_single, 3)
+    grid_loss, ref_loss = results[0]  # world rank 0 = pipeline rank 0 of EP group 0: it reports the EP-mean loss
+    assert results[1][0] == grid_loss  # its EP peer reports the same (all-reduced) loss
+    assert results[2][0] == results[3][0] == []  # pipeline rank 1 sees no loss
+    assert len(grid_loss) == len(ref_loss) == 3
+    for a, b in zip(grid_loss, ref_loss, strict=True):
+        assert abs(a - b) <= 2e-5 * max(1.0, abs(b)), (grid_loss, ref_loss)
