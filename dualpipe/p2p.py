@@ -1,16 +1,17 @@
 """Point-to-point transfers of one pipeline step: variable shapes without a shape list, receives posted early.
 
 A *transfer* is one ``SEND_*``/``RECV_*`` pair of the lowered plan: a tuple of tensors (entries may be
-``None``) from a sending stage to the next (``"F"``) or previous (``"B"``) one. On the wire it is one fixed-size
-int64 header, ``[count, layout, slots...]`` with per tensor its dtype code (-1: ``None``), dim count and
-padded shape, followed by the tensors. ``layout`` says whether the payload has the *predicted* layout: the
-layout of the previous transfer on the same channel (same direction, same sending stage) in this step, which
-sender and receiver both know. The receiver posts the header receive and the predicted payload receives
-together, so a step's micro-batches after the first on each channel cost one rendezvous, not two. When the
-layout differs from the prediction (or there is none), the sender follows the header with zero-filled tensors
-of the predicted layout (taken by the receives already posted), then, past ``_HEADER_SLOTS`` tensors, a
-second header with the remaining slots, then the payload, which the receiver receives into buffers it posts
-after reading the header.
+``None``) from a sending stage to the next (``"F"``) or previous (``"B"``) one. Its description is a
+fixed-size int64 header, ``[count, layout flag, slots...]`` with per tensor its dtype code (-1: ``None``),
+dim count and padded shape. The *predicted* layout of a transfer is the layout of the previous transfer on the
+same channel (same direction, same sending stage) in this step, which sender and receiver both know:
+
+- layout as predicted (every micro-batch after a channel's first, in the usual step): one message, the
+  header and the tensors' bytes packed together (each tensor 64-byte aligned); the receiver posted one buffer
+  of that size in advance and takes the tensors as views of it;
+- otherwise: the header, padded to the size of the buffer the receiver posted for its prediction (none: the
+  bare header); past ``_HEADER_SLOTS`` tensors a second header with the remaining slots; then the packed
+  tensors, into a buffer the receiver posts once it has read the header.
 
 With ``lookahead`` (gloo on CPU), a receive is posted as soon as the previous receive from the same peer has
 been posted in full, long before the plan's ``RECV`` that waits on it, so the transfer proceeds while this
@@ -82,16 +83,61 @@ def decode_header(words: Sequence[int]) -> tuple[int, bool, list[Spec]]:
     return count, bool(words[1]), _decode_slots(words[2 : 2 + min(count, _HEADER_SLOTS) * _SLOT_LEN])
 
 
-def _empty(spec: Spec, device: torch.device) -> torch.Tensor | None:
-    return None if spec is None else torch.empty(spec[1], dtype=spec[0], device=device)
+_ALIGN = 64  # byte alignment of each tensor in a packed message
+_HEADER_BYTES = -(-_HEADER_LEN * 8 // _ALIGN) * _ALIGN
+
+
+def _nbytes(spec: Spec) -> int:
+    if spec is None:
+        return 0
+    dtype, shape = spec
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _packed_size(layout: Sequence[Spec] | None) -> int:
+    return sum(_nbytes(s) for s in layout) if layout is not None else 0
+
+
+def _pack(header: torch.Tensor | None, tensors: Sequence[torch.Tensor | None], size: int, device: torch.device) -> torch.Tensor:
+    """One uint8 message of ``size`` bytes: the header (if given, padded to ``_HEADER_BYTES``), then the tensors."""
+    buf = torch.empty(size, dtype=torch.uint8, device=device)
+    offset = 0
+    if header is not None:
+        buf[: header.numel() * 8].copy_(header.view(torch.uint8))
+        offset = _HEADER_BYTES
+    for t in tensors:
+        if t is None:
+            continue
+        n = t.numel() * t.element_size()
+        buf[offset : offset + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+        offset += _nbytes((t.dtype, tuple(t.shape)))
+    return buf
+
+
+def _unpack(buf: torch.Tensor, layout: Sequence[Spec], offset: int) -> list[torch.Tensor | None]:
+    """Views of the tensors packed in ``buf`` from byte ``offset``."""
+    out: list[torch.Tensor | None] = []
+    for spec in layout:
+        if spec is None:
+            out.append(None)
+            continue
+        dtype, shape = spec
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        out.append(buf[offset : offset + n].view(dtype).view(shape))
+        offset += _nbytes(spec)
+    return out
 
 
 @dataclass
 class _Posted:
-    header: torch.Tensor
-    works: list[dist.Work]  # the header's, then the predicted payload's
+    buffer: torch.Tensor  # header (+ predicted payload) bytes
+    work: dist.Work
     predicted: list[Spec] | None
-    buffers: list[torch.Tensor | None] = field(default_factory=list)
 
 
 class Transport:
@@ -153,13 +199,14 @@ class Transport:
         predicted = self._sent_layout.get(channel)
         as_predicted = predicted == layout
         header = encode_header(layout, as_predicted).to(self.device)
-        messages = [header[:_HEADER_LEN]]
-        if not as_predicted:
-            if predicted is not None:  # fill the receives the peer posted for the predicted layout
-                messages += [torch.zeros(s[1], dtype=s[0], device=self.device) for s in predicted if s is not None]
+        if as_predicted:
+            messages = [_pack(header[:_HEADER_LEN], tensors, _HEADER_BYTES + _packed_size(layout), self.device)]
+        else:  # fill the buffer the peer posted for its prediction, then what it cannot have predicted
+            messages = [_pack(header[:_HEADER_LEN], (), _HEADER_BYTES + _packed_size(predicted), self.device)]
             if header.numel() > _HEADER_LEN:
                 messages.append(header[_HEADER_LEN:])
-        messages += [t.detach().contiguous() for t in tensors if t is not None]
+            if _packed_size(layout):
+                messages.append(_pack(None, tensors, _packed_size(layout), self.device))
         self._sent_layout[channel] = layout
         for tensor in messages:
             self._sends.append((dist.isend(tensor, peer, group=self.group), tensor))
@@ -175,14 +222,9 @@ class Transport:
         return dist.irecv(tensor, peer, group=self.group)
 
     def _post(self, peer: int, tid: TransferId) -> None:
-        header = torch.empty(_HEADER_LEN, dtype=torch.int64, device=self.device)
-        works = [self._irecv(header, peer)]
         predicted = self._received_layout.get((tid[0], tid[1]))
-        posted = _Posted(header, works, predicted)
-        if predicted is not None:
-            posted.buffers = [_empty(s, self.device) for s in predicted]
-            works += [self._irecv(b, peer) for b in posted.buffers if b is not None]
-        self._posted[tid] = posted
+        buffer = torch.empty(_HEADER_BYTES + _packed_size(predicted), dtype=torch.uint8, device=self.device)
+        self._posted[tid] = _Posted(buffer, self._irecv(buffer, peer), predicted)
 
     def recv(self, peer: int, tid: TransferId, what: str) -> tuple[torch.Tensor | None, ...]:
         """Receive transfer ``tid`` from ``peer`` (it must be the next one the plan receives from that peer)."""
@@ -192,24 +234,28 @@ class Transport:
         if tid not in self._posted:
             self._post(peer, tid)
         posted = self._posted.pop(tid)
-        self.wait(posted.works[0], what)
-        count, as_predicted, layout = decode_header(posted.header.tolist())
-        payload_works = posted.works[1:]
+        self.wait(posted.work, what)
+        count, as_predicted, layout = decode_header(posted.buffer[: _HEADER_LEN * 8].view(torch.int64).tolist())
+        payload: dist.Work | None = None
         if as_predicted:
             if posted.predicted is None or len(posted.predicted) != count or posted.predicted[: len(layout)] != layout:
                 raise RuntimeError(f"dualpipe rank {self.rank}: {what}: the sender's layout prediction disagrees with this rank's")
-            received = posted.buffers
-        else:  # the predicted buffers (if any) take filler; the payload follows
+            layout = posted.predicted
+            received = _unpack(posted.buffer, layout, _HEADER_BYTES)
+        else:
             if count > _HEADER_SLOTS:
                 spill = torch.empty((count - _HEADER_SLOTS) * _SLOT_LEN, dtype=torch.int64, device=self.device)
                 self.wait(self._irecv(spill, peer), what)
                 layout += _decode_slots(spill.tolist())
-            received = [_empty(s, self.device) for s in layout]
-            payload_works += [self._irecv(t, peer) for t in received if t is not None]
-        self._received_layout[(tid[0], tid[1])] = layout if not as_predicted else posted.predicted  # type: ignore[assignment]
+            size = _packed_size(layout)
+            buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
+            if size:
+                payload = self._irecv(buffer, peer)
+            received = _unpack(buffer, layout, 0)
+        self._received_layout[(tid[0], tid[1])] = layout
         queue.popleft()
         if self.lookahead and queue:
             self._post(peer, queue[0])
-        for work in payload_works:
-            self.wait(work, what)
+        if payload is not None:
+            self.wait(payload, what)
         return tuple(received)
