@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Kind", "Action", "Topology", "Schedule", "ScheduleError"]
+__all__ = ["Kind", "Action", "Topology", "Schedule", "ScheduleError", "walk_ranks"]
 
 
 class Kind(enum.Enum):
@@ -312,3 +313,25 @@ class Schedule:
                 line += f"  <-- ERROR HERE (rank {mark[0]})"
             lines.append(line)
         return "\n".join(lines)
+
+
+def walk_ranks(rows: Sequence[Sequence[Action]], advance: Callable[[int, int, Action], bool]) -> list[int]:
+    """Walk the ranks' action lists together, as ranks that wait on each other would run them.
+
+    Round-robin over the ranks, each rank runs its next actions in plan order, ``advance(rank, step,
+    action)``, until one returns False (it must wait for another rank); the walk repeats while any rank
+    moves. Used by the simulator (waiting on inputs) and the p2p FIFO check (waiting on messages).
+
+    Returns:
+        Per rank the step it stopped at: ``len(rows[r])`` for every rank when all ran, otherwise the ranks
+        short of their end are stuck (a deadlock).
+    """
+    ptr = [0] * len(rows)
+    moved = True
+    while moved:
+        moved = False
+        for r, row in enumerate(rows):
+            while ptr[r] < len(row) and advance(r, ptr[r], row[ptr[r]]):
+                ptr[r] += 1
+                moved = True
+    return ptr

@@ -18,7 +18,7 @@ is emitted as I, and its W is emitted when the reference pops the WeightGradStor
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from dualpipe.ir import Action, Kind, Schedule, Topology
@@ -221,6 +221,19 @@ def dualpipe(num_ranks: int, num_chunks: int) -> Schedule:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _one_f_one_b_order(num_ranks: int, num_chunks: int, rank: int) -> Iterator[tuple[Kind, int]]:
+    """Rank ``rank``'s 1F1B order as ``(Kind.F or Kind.B, micro-batch)``: R-1-r warm-up forwards, then
+    alternating forwards and backwards, then the remaining backwards."""
+    warmup = min(num_ranks - 1 - rank, num_chunks)
+    for mb in range(warmup):
+        yield Kind.F, mb
+    for k in range(num_chunks - warmup):
+        yield Kind.F, warmup + k
+        yield Kind.B, k
+    for mb in range(num_chunks - warmup, num_chunks):
+        yield Kind.B, mb
+
+
 def one_f_one_b(num_ranks: int, num_chunks: int) -> Schedule:
     """1F1B: stage s on rank s; rank r runs R-1-r warm-up forwards, then alternates F and B, then drains.
 
@@ -230,25 +243,10 @@ def one_f_one_b(num_ranks: int, num_chunks: int) -> Schedule:
     """
     _check_positive("num_ranks", num_ranks)
     _check_positive("num_chunks", num_chunks)
-    rows = []
-    for r in range(num_ranks):
-        warmup = min(num_ranks - 1 - r, num_chunks)
-        acts = [Action(r, Kind.F, mb) for mb in range(warmup)]
-        for k in range(num_chunks - warmup):
-            acts += [Action(r, Kind.F, warmup + k), Action(r, Kind.B, k)]
-        acts += [Action(r, Kind.B, mb) for mb in range(num_chunks - warmup, num_chunks)]
-        rows.append(tuple(acts))
-    return check_counts(Schedule("1f1b", Topology.linear(num_ranks, num_chunks), tuple(rows)))
-
-
-def _input_grad_then_due_weights(
-    acts: list[Action], pending: deque[int], stage: int, microbatch: int, keep: int
-) -> None:
-    """Append I(stage, microbatch), then the oldest pending W until at most ``keep`` remain pending."""
-    acts.append(Action(stage, Kind.I, microbatch))
-    pending.append(microbatch)
-    while len(pending) > keep:
-        acts.append(Action(stage, Kind.W, pending.popleft()))
+    rows = tuple(
+        tuple(Action(r, kind, mb) for kind, mb in _one_f_one_b_order(num_ranks, num_chunks, r)) for r in range(num_ranks)
+    )
+    return check_counts(Schedule("1f1b", Topology.linear(num_ranks, num_chunks), rows))
 
 
 def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
@@ -268,14 +266,16 @@ def zb1p(num_ranks: int, num_chunks: int) -> Schedule:
     _check_positive("num_chunks", num_chunks)
     rows = []
     for r in range(num_ranks):
-        warmup = min(num_ranks - 1 - r, num_chunks)
-        acts = [Action(r, Kind.F, mb) for mb in range(warmup)]
+        acts: list[Action] = []
         pending: deque[int] = deque()  # micro-batches whose I ran and whose W has not
-        for k in range(num_chunks - warmup):  # steady state: F, I (+ W)
-            acts.append(Action(r, Kind.F, warmup + k))
-            _input_grad_then_due_weights(acts, pending, stage=r, microbatch=k, keep=r)
-        for mb in range(num_chunks - warmup, num_chunks):  # cool-down: I (+ W)
-            _input_grad_then_due_weights(acts, pending, stage=r, microbatch=mb, keep=r)
+        for kind, mb in _one_f_one_b_order(num_ranks, num_chunks, r):
+            if kind is Kind.F:
+                acts.append(Action(r, Kind.F, mb))
+                continue
+            acts.append(Action(r, Kind.I, mb))  # the backward's input half now, its W once more than r wait
+            pending.append(mb)
+            while len(pending) > r:
+                acts.append(Action(r, Kind.W, pending.popleft()))
         acts += [Action(r, Kind.W, mb) for mb in pending]
         rows.append(tuple(acts))
     return check_counts(Schedule("zb1p", Topology.linear(num_ranks, num_chunks), tuple(rows)))

@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from dualpipe.ir import Action, Kind, Schedule, ScheduleError
+from dualpipe.ir import Action, Kind, Schedule, ScheduleError, walk_ranks
 
 __all__ = ["Costs", "Event", "SimResult", "simulate"]
 
@@ -212,49 +212,34 @@ def simulate(schedule: Schedule, costs: Costs, *, stage_costs: Mapping[int, Cost
     positions = [[i for i, a in enumerate(row) if a.kind.is_compute] for row in schedule.ranks]
     num_ranks = topo.num_ranks
     done: dict[tuple[str, int, int], float] = {}
-    ptr = [0] * num_ranks
     free = [0.0] * num_ranks
     per_rank_events: list[list[Event]] = [[] for _ in range(num_ranks)]
-    remaining = sum(len(r) for r in rows)
-    while remaining:
-        progress = False
-        for r in range(num_ranks):
-            while ptr[r] < len(rows[r]):
-                act = rows[r][ptr[r]]
-                ready = free[r]
-                blocked = False
-                for sub in act.computes():
-                    for key, delay in _deps(schedule, sub, costs.p2p):
-                        if key not in done:
-                            blocked = True
-                            break
-                        ready = max(ready, done[key] + delay)
-                    if blocked:
-                        break
-                if blocked:
-                    break
-                end = ready + _duration(act, costs, stage_costs or {})
-                for sub in act.computes():
-                    for key in _done_keys(sub):
-                        done[key] = end
-                per_rank_events[r].append(Event(r, ready, end, act))
-                free[r] = end
-                ptr[r] += 1
-                remaining -= 1
-                progress = True
-        if not progress:
-            stuck = [r for r in range(num_ranks) if ptr[r] < len(rows[r])]
-            waits = []
-            for r in stuck:
-                act = rows[r][ptr[r]]
-                missing = [
-                    _describe(k) for sub in act.computes() for k, _ in _deps(schedule, sub, 0.0) if k not in done
-                ]
-                waits.append(f"rank {r} at {act} waits for {', '.join(missing)}")
-            r0 = stuck[0]
-            raise ScheduleError(
-                "deadlock: no rank can proceed; " + "; ".join(waits), schedule, (r0, positions[r0][ptr[r0]])
-            )
+
+    def advance(r: int, _step: int, act: Action) -> bool:
+        ready = free[r]
+        for sub in act.computes():
+            for key, delay in _deps(schedule, sub, costs.p2p):
+                if key not in done:
+                    return False
+                ready = max(ready, done[key] + delay)
+        end = ready + _duration(act, costs, stage_costs or {})
+        for sub in act.computes():
+            for key in _done_keys(sub):
+                done[key] = end
+        per_rank_events[r].append(Event(r, ready, end, act))
+        free[r] = end
+        return True
+
+    ptr = walk_ranks(rows, advance)
+    stuck = [r for r in range(num_ranks) if ptr[r] < len(rows[r])]
+    if stuck:
+        waits = []
+        for r in stuck:
+            act = rows[r][ptr[r]]
+            missing = [_describe(k) for sub in act.computes() for k, _ in _deps(schedule, sub, 0.0) if k not in done]
+            waits.append(f"rank {r} at {act} waits for {', '.join(missing)}")
+        r0 = stuck[0]
+        raise ScheduleError("deadlock: no rank can proceed; " + "; ".join(waits), schedule, (r0, positions[r0][ptr[r0]]))
 
     makespan = max((e.end for evs in per_rank_events for e in evs), default=0.0)
     busy = tuple(sum(e.end - e.start for e in evs) for evs in per_rank_events)

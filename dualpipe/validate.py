@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 
-from dualpipe.ir import Action, Kind, Schedule, ScheduleError
+from dualpipe.ir import Action, Kind, Schedule, ScheduleError, walk_ranks
 
 __all__ = ["check_counts", "validate", "lower_to_p2p", "check_p2p_fifo"]
 
@@ -145,38 +145,27 @@ def _strip_p2p(schedule: Schedule) -> Schedule:
 _Msg = tuple[str, int, int]
 
 
-def _produced(schedule: Schedule, sub: Action) -> list[tuple[Action, int, _Msg]]:
-    """(SEND action, destination rank, message) for what ``sub`` must send."""
+def _transfers(schedule: Schedule, sub: Action, *, send: bool) -> list[tuple[Action, int, _Msg]]:
+    """What compute action ``sub`` must send (``send=True``: ``(SEND action, destination rank, message)``) or
+    receive (``send=False``: ``(RECV action, source rank, message)``); empty when that peer stage is local.
+
+    An F receives from the previous stage and sends to the next; a B or I the other way round. The message
+    is named by its producer: this stage for a send, the peer stage for a receive.
+    """
+    if sub.kind is Kind.F:
+        direction, kind = "F", Kind.SEND_F if send else Kind.RECV_F
+    elif sub.kind in (Kind.B, Kind.I):
+        direction, kind = "B", Kind.SEND_B if send else Kind.RECV_B
+    else:
+        return []
     topo = schedule.topology
     s, mb = sub.stage, sub.microbatch
     assert mb is not None
-    me = topo.rank_of(s)
-    if sub.kind is Kind.F:
-        nxt = topo.next_stage(s)
-        if nxt is not None and topo.rank_of(nxt) != me:
-            return [(Action(s, Kind.SEND_F, mb), topo.rank_of(nxt), ("F", s, mb))]
-    elif sub.kind in (Kind.B, Kind.I):
-        prev = topo.prev_stage(s)
-        if prev is not None and topo.rank_of(prev) != me:
-            return [(Action(s, Kind.SEND_B, mb), topo.rank_of(prev), ("B", s, mb))]
-    return []
-
-
-def _consumed(schedule: Schedule, sub: Action) -> list[tuple[Action, int, _Msg]]:
-    """(RECV action, source rank, message) for what ``sub`` must receive."""
-    topo = schedule.topology
-    s, mb = sub.stage, sub.microbatch
-    assert mb is not None
-    me = topo.rank_of(s)
-    if sub.kind is Kind.F:
-        prev = topo.prev_stage(s)
-        if prev is not None and topo.rank_of(prev) != me:
-            return [(Action(s, Kind.RECV_F, mb), topo.rank_of(prev), ("F", prev, mb))]
-    elif sub.kind in (Kind.B, Kind.I):
-        nxt = topo.next_stage(s)
-        if nxt is not None and topo.rank_of(nxt) != me:
-            return [(Action(s, Kind.RECV_B, mb), topo.rank_of(nxt), ("B", nxt, mb))]
-    return []
+    downstream = (direction == "F") == send
+    peer = topo.next_stage(s) if downstream else topo.prev_stage(s)
+    if peer is None or topo.rank_of(peer) == topo.rank_of(s):
+        return []
+    return [(Action(s, kind, mb), topo.rank_of(peer), (direction, s if send else peer, mb))]
 
 
 def _message_of(schedule: Schedule, a: Action) -> tuple[int, _Msg]:
@@ -226,12 +215,12 @@ def lower_to_p2p(schedule: Schedule) -> Schedule:
         for i, a in enumerate(row):
             order = 0
             for sub in a.computes():
-                for recv, _src, msg in _consumed(schedule, sub):
+                for recv, _src, msg in _transfers(schedule, sub, send=False):
                     consume_at[(r, msg)] = (i, order)
                     recv_action[(r, msg)] = recv
                     order += 1
             for sub in a.computes():
-                for send, dst, msg in _produced(schedule, sub):
+                for send, dst, msg in _transfers(schedule, sub, send=True):
                     sends_after[r][i].append(send)
                     send_order.setdefault((r, dst), []).append(msg)
 
@@ -294,55 +283,47 @@ def check_p2p_fifo(lowered: Schedule) -> None:
     channels: dict[tuple[int, int], deque[tuple[_Msg, int, int]]] = {}
     received: list[set[_Msg]] = [set() for _ in range(num_ranks)]
     produced: list[set[tuple[Kind, int, int]]] = [set() for _ in range(num_ranks)]
-    ptr = [0] * num_ranks
     rows = lowered.ranks
-    while True:
-        progress = False
-        for r in range(num_ranks):
-            while ptr[r] < len(rows[r]):
-                i = ptr[r]
-                a = rows[r][i]
-                if not a.kind.is_compute:
-                    _check_p2p_action(lowered, a, r, i)
-                if a.kind is Kind.SEND_F or a.kind is Kind.SEND_B:
-                    dst, msg = _message_of(lowered, a)
-                    need = (Kind.F,) if a.kind is Kind.SEND_F else (Kind.B, Kind.I)
-                    assert a.microbatch is not None
-                    if not any((k, a.stage, a.microbatch) in produced[r] for k in need):
-                        raise ScheduleError(f"rank {r} sends {a} before computing it", lowered, (r, i))
-                    channels.setdefault((r, dst), deque()).append((msg, r, i))
-                elif a.kind is Kind.RECV_F or a.kind is Kind.RECV_B:
-                    src, msg = _message_of(lowered, a)
-                    chan = channels.get((src, r))
-                    if not chan:
-                        break  # blocked
-                    got, sr, si = chan.popleft()
-                    if got != msg:
-                        raise ScheduleError(
-                            f"p2p FIFO mismatch: rank {r} posts {a} expecting {msg[0]} of stage {msg[1]} mb {msg[2]} "
-                            f"from rank {src}, but the oldest unmatched message from rank {src} is "
-                            f"{got[0]} of stage {got[1]} mb {got[2]} (sent at rank {sr} step {si})",
-                            lowered,
-                            (r, i),
-                        )
-                    received[r].add(msg)
-                else:
-                    for sub in a.computes():
-                        for _, src, msg in _consumed(lowered, sub):
-                            if msg not in received[r]:
-                                raise ScheduleError(
-                                    f"rank {r} runs {sub} before receiving its input from rank {src}", lowered, (r, i)
-                                )
-                        assert sub.microbatch is not None
-                        produced[r].add((sub.kind, sub.stage, sub.microbatch))
-                ptr[r] += 1
-                progress = True
-        if all(ptr[r] == len(rows[r]) for r in range(num_ranks)):
-            break
-        if not progress:
-            stuck = [r for r in range(num_ranks) if ptr[r] < len(rows[r])]
-            desc = "; ".join(f"rank {r} blocked at {rows[r][ptr[r]]}" for r in stuck)
-            raise ScheduleError(f"p2p deadlock: {desc}", lowered, (stuck[0], ptr[stuck[0]]))
+
+    def advance(r: int, i: int, a: Action) -> bool:
+        if not a.kind.is_compute:
+            _check_p2p_action(lowered, a, r, i)
+        if a.kind is Kind.SEND_F or a.kind is Kind.SEND_B:
+            dst, msg = _message_of(lowered, a)
+            need = (Kind.F,) if a.kind is Kind.SEND_F else (Kind.B, Kind.I)
+            assert a.microbatch is not None
+            if not any((k, a.stage, a.microbatch) in produced[r] for k in need):
+                raise ScheduleError(f"rank {r} sends {a} before computing it", lowered, (r, i))
+            channels.setdefault((r, dst), deque()).append((msg, r, i))
+        elif a.kind is Kind.RECV_F or a.kind is Kind.RECV_B:
+            src, msg = _message_of(lowered, a)
+            chan = channels.get((src, r))
+            if not chan:
+                return False  # blocked until the peer sends
+            got, sr, si = chan.popleft()
+            if got != msg:
+                raise ScheduleError(
+                    f"p2p FIFO mismatch: rank {r} posts {a} expecting {msg[0]} of stage {msg[1]} mb {msg[2]} "
+                    f"from rank {src}, but the oldest unmatched message from rank {src} is "
+                    f"{got[0]} of stage {got[1]} mb {got[2]} (sent at rank {sr} step {si})",
+                    lowered,
+                    (r, i),
+                )
+            received[r].add(msg)
+        else:
+            for sub in a.computes():
+                for _, src, msg in _transfers(lowered, sub, send=False):
+                    if msg not in received[r]:
+                        raise ScheduleError(f"rank {r} runs {sub} before receiving its input from rank {src}", lowered, (r, i))
+                assert sub.microbatch is not None
+                produced[r].add((sub.kind, sub.stage, sub.microbatch))
+        return True
+
+    ptr = walk_ranks(rows, advance)
+    stuck = [r for r in range(num_ranks) if ptr[r] < len(rows[r])]
+    if stuck:
+        desc = "; ".join(f"rank {r} blocked at {rows[r][ptr[r]]}" for r in stuck)
+        raise ScheduleError(f"p2p deadlock: {desc}", lowered, (stuck[0], ptr[stuck[0]]))
     for (src, dst), chan in channels.items():
         if chan:
             msg, sr, si = chan[0]
