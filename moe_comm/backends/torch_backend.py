@@ -275,9 +275,9 @@ class TorchBackend(CommBackend):
         num_recv = sum(recv_counts)
         recv_x = torch.empty(num_recv, hidden, dtype=x.dtype, device=device)
         staged_x = self._scratch.take((send_token_idx.numel(), hidden), x.dtype, device)
-        torch.index_select(x, 0, send_token_idx, out=staged_x)
-        works = [all_to_all_rows(ctx, recv_x, staged_x, recv_counts, send_counts)]
+        works: list[dist.Work | None] = []
 
+        # The small side channel goes first: it is in flight (and usually done) while the rows are gathered.
         fields = self._side_fields(request, with_src=cached is None)
         side = _SideChannel(fields) if fields else None
         recv_side = None
@@ -294,6 +294,8 @@ class TorchBackend(CommBackend):
             send_side = side.pack_tokens(num_tokens, values, device).index_select(0, send_token_idx)
             recv_side = torch.empty(num_recv, side.width, dtype=torch.uint8, device=device)
             works.append(all_to_all_rows(ctx, recv_side, send_side, recv_counts, send_counts))
+        torch.index_select(x, 0, send_token_idx, out=staged_x)
+        works.append(all_to_all_rows(ctx, recv_x, staged_x, recv_counts, send_counts))
 
         k = request.topk_idx.shape[1] if request.topk_idx is not None else 0
         recv_topk_idx = torch.empty(num_recv, k, dtype=torch.int64, device=device) if request.topk_idx is not None else None
