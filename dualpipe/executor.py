@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe.ir import Action, Kind, Schedule, ScheduleError
-from dualpipe.p2p import TransferId, Transport
+from dualpipe.p2p import Layouts, TransferId, Transport
 from dualpipe.split_backward import WeightWork, input_backward, weight_backward
 from dualpipe.validate import lower_to_p2p
 
@@ -150,6 +150,8 @@ class Executor:
         stage_modules: stage id -> module for every stage this rank holds.
         group: process group of the pipeline ranks; ``peer_ranks[r]`` maps plan rank r to a rank of ``group``.
         timeout_s: bound on every receive.
+        lowered: ``lower_to_p2p(schedule)`` when the caller already has it.
+        layouts: transfer layout predictions kept across steps (:class:`dualpipe.p2p.Layouts`).
     """
 
     def __init__(
@@ -160,9 +162,14 @@ class Executor:
         group: dist.ProcessGroup | None,
         peer_ranks: Sequence[int],
         timeout_s: float = 300.0,
+        lowered: Schedule | None = None,
+        layouts: Layouts | None = None,
     ) -> None:
         self.schedule = schedule
-        self.lowered = lower_to_p2p(schedule) if schedule.topology.num_ranks > 1 else schedule
+        if lowered is None:
+            lowered = lower_to_p2p(schedule) if schedule.topology.num_ranks > 1 else schedule
+        self.lowered = lowered
+        self.layouts = layouts
         self.rank = rank
         self.topology = schedule.topology
         self.stage_modules = stage_modules
@@ -188,7 +195,13 @@ class Executor:
         token = _active_store.set(self.store)
         actions = self.lowered.ranks[self.rank]
         self._transport = Transport(
-            self.group, self._device, self.timeout_s, self.rank, self._receives(actions, forward_only), lookahead=self._device.type != "cuda"
+            self.group,
+            self._device,
+            self.timeout_s,
+            self.rank,
+            self._receives(actions, forward_only),
+            lookahead=self._device.type != "cuda",
+            layouts=self.layouts,
         )
         try:
             for step, action in enumerate(actions):

@@ -4,9 +4,11 @@ A *transfer* is one ``SEND_*``/``RECV_*`` pair of the lowered plan: a tuple of t
 ``None``) from a sending stage to the next (``"F"``) or previous (``"B"``) one. Its description is a
 fixed-size int64 header, ``[count, layout flag, slots...]`` with per tensor its dtype code (-1: ``None``),
 dim count and padded shape. The *predicted* layout of a transfer is the layout of the previous transfer on the
-same channel (same direction, same sending stage) in this step, which sender and receiver both know:
+same channel (same direction, same sending stage), in this step or, with a pipeline's :class:`Layouts`,
+an earlier one, which sender and receiver both know:
 
-- layout as predicted (every micro-batch after a channel's first, in the usual step): one message, the
+- layout as predicted (every transfer but a pipeline's first on each channel, when shapes do not vary):
+  one message, the
   header and the tensors' bytes packed together (each tensor 64-byte aligned); the receiver posted one buffer
   of that size in advance and takes the tensors as views of it;
 - otherwise: the header, padded to the size of the buffer the receiver posted for its prediction (none: the
@@ -26,12 +28,12 @@ import datetime
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Transport", "TransferId"]
+__all__ = ["Layouts", "Transport", "TransferId"]
 
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.uint8]
 _MAX_DIMS = 8
@@ -134,6 +136,18 @@ def _unpack(buf: torch.Tensor, layout: Sequence[Spec], offset: int) -> list[torc
 
 
 @dataclass
+class Layouts:
+    """The last layout sent and received on each channel ``(direction, sending stage)``: the predictions.
+
+    A pipeline keeps one across steps, so a step's first transfer on each channel is predicted from the
+    previous step's last (both ranks update their copies in the same message order, so they agree).
+    """
+
+    sent: dict[tuple[str, int], list[Spec]] = field(default_factory=dict)
+    received: dict[tuple[str, int], list[Spec]] = field(default_factory=dict)
+
+
+@dataclass
 class _Posted:
     buffer: torch.Tensor  # header (+ predicted payload) bytes
     work: dist.Work
@@ -150,6 +164,7 @@ class Transport:
         rank: this rank's plan rank (for messages).
         receives: this rank's receives in plan order, each ``(peer, transfer id)``.
         lookahead: post each receive as early as the per-peer message order allows (gloo).
+        layouts: the layout predictions to start from and update (default: none, fresh for this step).
     """
 
     def __init__(
@@ -160,6 +175,7 @@ class Transport:
         rank: int,
         receives: Iterable[tuple[int, TransferId]],
         lookahead: bool,
+        layouts: Layouts | None = None,
     ) -> None:
         self.group = group
         self.device = device
@@ -170,8 +186,9 @@ class Transport:
         for peer, tid in receives:
             self._order.setdefault(peer, deque()).append(tid)
         self._posted: dict[TransferId, _Posted] = {}
-        self._sent_layout: dict[tuple[str, int], list[Spec]] = {}
-        self._received_layout: dict[tuple[str, int], list[Spec]] = {}
+        layouts = layouts if layouts is not None else Layouts()
+        self._sent_layout = layouts.sent
+        self._received_layout = layouts.received
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
         if lookahead:
             for peer, queue in self._order.items():

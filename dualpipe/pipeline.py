@@ -24,8 +24,10 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe.executor import Executor, StepInputs, WeightGradStore
+from dualpipe.p2p import Layouts
 from dualpipe.ir import Schedule
 from dualpipe.schedules import SCHEDULES, generate
+from dualpipe.validate import lower_to_p2p
 
 __all__ = ["DualPipe", "DualPipeV", "PipelineRunner", "WeightGradStore"]
 
@@ -86,6 +88,8 @@ class PipelineRunner(nn.Module):
         self.weight_grad_store = WeightGradStore()
         self._p2p_shapes: list[tuple[int, ...]] | None = None
         self._p2p_dtype: torch.dtype | None = None
+        self._plan_cache: dict[int, tuple[Schedule, Schedule]] = {}
+        self._p2p_layouts = Layouts()  # transfer layout predictions, carried from step to step
 
     # --- compatibility with DeepSeek's module-level setters (optional here) ------------------------
     def set_p2p_tensor_shapes(self, shapes: Sequence[Sequence[int]]) -> None:
@@ -98,9 +102,16 @@ class PipelineRunner(nn.Module):
 
     # ----------------------------------------------------------------------------------------------
     def _plan(self, num_chunks: int) -> Schedule:
-        if isinstance(self.schedule_spec, Schedule):
-            return self.schedule_spec
-        return generate(self.schedule_spec, self.num_ranks, num_chunks)
+        return self._plans(num_chunks)[0]
+
+    def _plans(self, num_chunks: int) -> tuple[Schedule, Schedule]:
+        """``(plan, its p2p lowering)`` for ``num_chunks``, built once per chunk count."""
+        cached = self._plan_cache.get(num_chunks)
+        if cached is None:
+            plan = self.schedule_spec if isinstance(self.schedule_spec, Schedule) else generate(self.schedule_spec, self.num_ranks, num_chunks)
+            cached = (plan, lower_to_p2p(plan) if plan.topology.num_ranks > 1 else plan)
+            self._plan_cache[num_chunks] = cached
+        return cached
 
     def _agree(self, num_chunks: int, forward_only: bool) -> None:
         """Every rank must run the same plan with the same chunk count; raise on every rank otherwise."""
@@ -136,7 +147,7 @@ class PipelineRunner(nn.Module):
         """Run the plan on pre-split micro-batches (per chain); see :meth:`Executor.run`."""
         forward_only = not torch.is_grad_enabled()
         self._agree(num_chunks, forward_only)
-        plan = self._plan(num_chunks)
+        plan, lowered = self._plans(num_chunks)
         executor = Executor(
             plan,
             self.rank,
@@ -144,6 +155,8 @@ class PipelineRunner(nn.Module):
             self.group,
             [dist.get_global_rank(self.group, r) if self.group is not None else r for r in self.rank_mapping],
             timeout_s=self.timeout_s,
+            lowered=lowered,
+            layouts=self._p2p_layouts,
         )
         executor.store = self.weight_grad_store
         return executor.run(StepInputs(chunks, labels, criterion), forward_only=forward_only)

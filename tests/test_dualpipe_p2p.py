@@ -2,7 +2,8 @@
 
 Stages pass ``2 * _HEADER_SLOTS + 1`` tensors (the header spills into a second message) including an int64
 counter, under 1F1B (full backward) and ZB1P (split I/W backward), against a single-process reference.
-Micro-batches differ in size, so transfers take every path: no layout prediction, a wrong one, a right one.
+Micro-batches differ in size within and between steps, so transfers take every path: no layout prediction,
+a wrong one, a right one.
 """
 
 from __future__ import annotations
@@ -48,23 +49,26 @@ def _run(name: str):
     num_chunks = 2 * world
     runner = PipelineRunner(name, {rank: Wide(rank)})
     gen = torch.Generator().manual_seed(9)
-    rows = 2 * num_chunks + 1  # uneven micro-batches: the first is larger, so the second breaks the layout prediction
-    x = torch.randn(rows, HIDDEN, generator=gen, dtype=torch.float64)
-    y = torch.randn(rows, HIDDEN, generator=gen, dtype=torch.float64)
-    loss, _ = runner.step(x, num_chunks=num_chunks, criterion=criterion, labels=(y,))
-    stages = [Wide(s) for s in range(world)]
-    ref = []
-    for xc, yc in zip(torch.tensor_split(x, num_chunks), torch.tensor_split(y, num_chunks)):
-        h = (xc,)
-        for m in stages:
-            h = m(*h)
-        value = criterion(*h, yc)
-        value.backward()
-        ref.append(value.detach())
-    grad, ref_grad = runner.stages[str(rank)].w.grad, stages[rank].w.grad
-    assert ((grad - ref_grad).norm() <= 1e-12 * ref_grad.norm()).item(), f"rank {rank}: gradient differs"
-    if rank == world - 1:
-        assert torch.equal(loss, torch.stack(ref))
+    # Step 1: uneven micro-batches (the first is larger, so the second breaks the layout prediction).
+    # Step 2: predicted from step 1's last transfers, wrongly (more rows), then rightly. Step 3: as step 2.
+    for rows in (2 * num_chunks + 1, 3 * num_chunks, 3 * num_chunks):
+        x = torch.randn(rows, HIDDEN, generator=gen, dtype=torch.float64)
+        y = torch.randn(rows, HIDDEN, generator=gen, dtype=torch.float64)
+        runner.zero_grad(set_to_none=True)
+        loss, _ = runner.step(x, num_chunks=num_chunks, criterion=criterion, labels=(y,))
+        stages = [Wide(s) for s in range(world)]
+        ref = []
+        for xc, yc in zip(torch.tensor_split(x, num_chunks), torch.tensor_split(y, num_chunks)):
+            h = (xc,)
+            for m in stages:
+                h = m(*h)
+            value = criterion(*h, yc)
+            value.backward()
+            ref.append(value.detach())
+        grad, ref_grad = runner.stages[str(rank)].w.grad, stages[rank].w.grad
+        assert ((grad - ref_grad).norm() <= 1e-12 * ref_grad.norm()).item(), f"rank {rank}: gradient differs"
+        if rank == world - 1:
+            assert torch.equal(loss, torch.stack(ref))
     return True
 
 
