@@ -9,7 +9,13 @@ Normal mode moves each token once per destination rank:
    (skipped when the Buffer's agreement step already gathered them, and for a cached dispatch);
 2. payload: ``all_to_all_single`` of the rows (as raw bytes, so FP8 crosses gloo), plus a second
    ``all_to_all_single`` of a small side channel per row: source token index, top-k ids and weights,
-   FP8 scales. Both are in flight together.
+   FP8 scales. The side channel is packed per token and gathered with the rows' index, and starts
+   first, so both are in flight together while the rows are gathered.
+
+Combine returns one row per (token, rank) with the mirrored ``all_to_all_single``; the token owner sums
+them in rank order in float32 (float64 for float64). On the CPU it does so token block by token block
+(gather the block's R rows per token, a zero row where a rank returned none, and add them while they
+are in cache); on a GPU with one ``index_add_`` per rank.
 
 Worst-case mode (``num_worst_tokens > 0``) never reads counts on the host: every rank sends each peer a
 fixed block of ``C = num_worst_tokens // R`` rows (valid rows first, then filler) with equal-split
