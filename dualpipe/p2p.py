@@ -35,7 +35,16 @@ import torch.distributed as dist
 
 __all__ = ["Layouts", "Transport", "TransferId"]
 
-_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool, torch.uint8]
+_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.bool,
+    torch.uint8,
+]
 _MAX_DIMS = 8
 _SLOT_LEN = 2 + _MAX_DIMS  # per tensor: dtype code (-1: None), dim count, shape padded to _MAX_DIMS
 _HEADER_SLOTS = 8  # tensors the fixed-size header describes; a transfer of more sends the rest in a second header
@@ -103,7 +112,9 @@ def _packed_size(layout: Sequence[Spec] | None) -> int:
     return sum(_nbytes(s) for s in layout) if layout is not None else 0
 
 
-def _pack(header: torch.Tensor | None, tensors: Sequence[torch.Tensor | None], size: int, device: torch.device) -> torch.Tensor:
+def _pack(
+    header: torch.Tensor | None, tensors: Sequence[torch.Tensor | None], size: int, device: torch.device
+) -> torch.Tensor:
     """One uint8 message of ``size`` bytes: the header (if given, padded to ``_HEADER_BYTES``), then the tensors."""
     buf = torch.empty(size, dtype=torch.uint8, device=device)
     offset = 0
@@ -200,14 +211,18 @@ class Transport:
             deadline = time.monotonic() + self.timeout_s
             while not work.is_completed():
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"dualpipe rank {self.rank}: timed out after {self.timeout_s:g} s waiting for {what}")
+                    raise TimeoutError(
+                        f"dualpipe rank {self.rank}: timed out after {self.timeout_s:g} s waiting for {what}"
+                    )
                 time.sleep(20e-6)
             work.wait()
             return
         try:
             work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
         except RuntimeError as exc:
-            raise TimeoutError(f"dualpipe rank {self.rank}: timed out after {self.timeout_s:g} s waiting for {what}: {exc}") from exc
+            raise TimeoutError(
+                f"dualpipe rank {self.rank}: timed out after {self.timeout_s:g} s waiting for {what}: {exc}"
+            ) from exc
 
     # --- sending -----------------------------------------------------------------------------------
     def send(self, peer: int, tid: TransferId, tensors: Sequence[torch.Tensor | None]) -> None:
@@ -247,7 +262,9 @@ class Transport:
         """Receive transfer ``tid`` from ``peer`` (it must be the next one the plan receives from that peer)."""
         queue = self._order.get(peer)
         if not queue or queue[0] != tid:
-            raise RuntimeError(f"dualpipe rank {self.rank}: receive {tid} out of plan order (expected {queue[0] if queue else None})")
+            raise RuntimeError(
+                f"dualpipe rank {self.rank}: receive {tid} out of plan order (expected {queue[0] if queue else None})"
+            )
         if tid not in self._posted:
             self._post(peer, tid)
         posted = self._posted.pop(tid)
@@ -256,7 +273,9 @@ class Transport:
         payload: dist.Work | None = None
         if as_predicted:
             if posted.predicted is None or len(posted.predicted) != count or posted.predicted[: len(layout)] != layout:
-                raise RuntimeError(f"dualpipe rank {self.rank}: {what}: the sender's layout prediction disagrees with this rank's")
+                raise RuntimeError(
+                    f"dualpipe rank {self.rank}: {what}: the sender's layout prediction disagrees with this rank's"
+                )
             layout = posted.predicted
             received = _unpack(posted.buffer, layout, _HEADER_BYTES)
         else:

@@ -84,13 +84,16 @@ def _input_side(parents: dict[Node, list[Node]], inputs: Sequence[Node]) -> set[
 
 
 def _plan_groups(
-    roots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None], inputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor]
+    roots: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor | None],
+    inputs: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
 ) -> list[_Group]:
     root_edges = [get_gradient_edge(r) for r in roots]
     parents = _reverse_edges([e.node for e in root_edges])
     input_side = _input_side(parents, [_node(t) for t in inputs])
     root_seeds: dict[Node, list[tuple[GradientEdge, torch.Tensor]]] = {}
-    for edge, root, grad in zip(root_edges, roots, grads):
+    for edge, root, grad in zip(root_edges, roots, grads, strict=True):
         if edge.node not in input_side:
             root_seeds.setdefault(edge.node, []).append((edge, torch.ones_like(root) if grad is None else grad))
 

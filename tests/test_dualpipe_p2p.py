@@ -58,7 +58,7 @@ def _run(name: str):
         loss, _ = runner.step(x, num_chunks=num_chunks, criterion=criterion, labels=(y,))
         stages = [Wide(s) for s in range(world)]
         ref = []
-        for xc, yc in zip(torch.tensor_split(x, num_chunks), torch.tensor_split(y, num_chunks)):
+        for xc, yc in zip(torch.tensor_split(x, num_chunks), torch.tensor_split(y, num_chunks), strict=True):
             h = (xc,)
             for m in stages:
                 h = m(*h)
@@ -78,7 +78,9 @@ def test_wide_transfers(pool, name):
 
 
 def test_header_roundtrip():
-    tensors = [torch.zeros(2, 3), None, torch.zeros((), dtype=torch.int64)] + [torch.zeros(1, 1, 1, dtype=torch.bfloat16)] * 7
+    tensors = [torch.zeros(2, 3), None, torch.zeros((), dtype=torch.int64)] + [
+        torch.zeros(1, 1, 1, dtype=torch.bfloat16)
+    ] * 7
     specs = [None if t is None else (t.dtype, tuple(t.shape)) for t in tensors]
     header = encode_header(specs, as_predicted=False)
     assert header.numel() == _HEADER_LEN + 2 * (2 + 8)

@@ -104,7 +104,7 @@ def _run(module: nn.Module, split: bool, last: bool):
         return x.grad, [p.grad for p in params]
     before = [None if p.grad is None else p.grad.clone() for p in params]
     (dx,), work = input_backward(roots, grads, [x], params)
-    for p, b in zip(params, before):  # the I pass must not touch parameter gradients
+    for p, b in zip(params, before, strict=True):  # the I pass must not touch parameter gradients
         assert (p.grad is None and b is None) or torch.equal(p.grad, b)
     del roots, outs, out  # the W must not need the outputs
     weight_backward(work)
@@ -120,7 +120,7 @@ def test_split_matches_full_backward(cls, last) -> None:
     module.zero_grad(set_to_none=True)
     dx, grads = _run(module, split=True, last=last)
     assert torch.equal(dx, ref_dx)
-    for g, ref in zip(grads, ref_grads):
+    for g, ref in zip(grads, ref_grads, strict=True):
         if ref is None:
             assert g is None
         else:
@@ -136,7 +136,7 @@ def test_accumulates_across_microbatches() -> None:
     module.zero_grad(set_to_none=True)
     for _ in range(2):
         _run(module, split=True, last=False)
-    for p, r in zip(module.parameters(), ref):
+    for p, r in zip(module.parameters(), ref, strict=True):
         assert torch.equal(p.grad, r)
 
 
