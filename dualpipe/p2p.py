@@ -7,19 +7,20 @@ dim count and padded shape. The *predicted* layout of a transfer is the layout o
 same channel (same direction, same sending stage), in this step or, with a pipeline's :class:`Layouts`,
 an earlier one, which sender and receiver both know:
 
-- layout as predicted (every transfer but a pipeline's first on each channel, when shapes do not vary):
-  one message, the
-  header and the tensors' bytes packed together (each tensor 64-byte aligned); the receiver posted one buffer
-  of that size in advance and takes the tensors as views of it;
+- layout as predicted (every transfer but a pipeline's first on each channel, when shapes do not vary): one
+  message, the header and the tensors' bytes packed together (each tensor 64-byte aligned); the receiver
+  posted one buffer of that size in advance and takes the tensors as views of it;
 - otherwise: the header, padded to the size of the buffer the receiver posted for its prediction (none: the
-  bare header); past ``_HEADER_SLOTS`` tensors a second header with the remaining slots; then the packed
-  tensors, into a buffer the receiver posts once it has read the header.
+  bare header); then, on a side tag, past ``_HEADER_SLOTS`` tensors a second header with the remaining slots,
+  and the packed tensors, into buffers the receiver posts once it has read the header.
 
-With ``lookahead`` (gloo on CPU), a receive is posted as soon as the previous receive from the same peer has
-been posted in full, long before the plan's ``RECV`` that waits on it, so the transfer proceeds while this
-rank computes. Messages between two ranks still match in the order posted (the order the validator proved
-consistent); NCCL runs without lookahead, since a receive posted early would hold back later operations on
-the same communicator stream.
+With ``lookahead`` (gloo on CPU), receives are posted ahead of the plan's ``RECV`` that waits on them, in the
+plan's order per peer, as far as their predictions are known: up to the first receive whose channel still
+has an earlier receive outstanding (one outstanding receive per channel). A transfer thus finds its receive
+posted when it is sent and proceeds while this rank computes. Main-tag messages between two ranks match in
+the order posted (the order the validator proved consistent), side-tag messages likewise among themselves.
+NCCL runs without lookahead (and ignores tags; its receives are posted one at a time, in order), since a
+receive posted early would hold back later operations on the same communicator stream.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ _MAX_DIMS = 8
 _SLOT_LEN = 2 + _MAX_DIMS  # per tensor: dtype code (-1: None), dim count, shape padded to _MAX_DIMS
 _HEADER_SLOTS = 8  # tensors the fixed-size header describes; a transfer of more sends the rest in a second header
 _HEADER_LEN = 2 + _HEADER_SLOTS * _SLOT_LEN  # tensor count, layout flag, slots
+_SIDE_TAG = 1  # what a receiver cannot have predicted (second header, unpredicted payload) travels on this tag
 
 Spec = tuple[torch.dtype, tuple[int, ...]] | None
 TransferId = tuple[str, int, int]  # ("F" or "B", sending stage, micro-batch)
@@ -193,17 +195,19 @@ class Transport:
         self.timeout_s = timeout_s
         self.rank = rank
         self.lookahead = lookahead
-        self._order: dict[int, deque[TransferId]] = {}
+        self._order: dict[int, deque[TransferId]] = {}  # per peer, the receives not yet taken, in plan order
         for peer, tid in receives:
             self._order.setdefault(peer, deque()).append(tid)
+        self._unposted = {peer: deque(queue) for peer, queue in self._order.items()}  # per peer, not yet posted
         self._posted: dict[TransferId, _Posted] = {}
+        self._open_channels: set[tuple[str, int]] = set()  # channels with a posted receive not yet taken
         layouts = layouts if layouts is not None else Layouts()
         self._sent_layout = layouts.sent
         self._received_layout = layouts.received
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
         if lookahead:
-            for peer, queue in self._order.items():
-                self._post(peer, queue[0])
+            for peer in self._unposted:
+                self._post_ahead(peer)
 
     # --- waiting -----------------------------------------------------------------------------------
     def wait(self, work: dist.Work, what: str) -> None:
@@ -240,8 +244,8 @@ class Transport:
             if _packed_size(layout):
                 messages.append(_pack(None, tensors, _packed_size(layout), self.device))
         self._sent_layout[channel] = layout
-        for tensor in messages:
-            self._sends.append((dist.isend(tensor, peer, group=self.group), tensor))
+        for i, tensor in enumerate(messages):  # the first on the main tag, anything more on the side tag
+            self._sends.append((dist.isend(tensor, peer, group=self.group, tag=_SIDE_TAG if i else 0), tensor))
 
     def finish(self) -> None:
         """Wait for every send of the step."""
@@ -250,13 +254,24 @@ class Transport:
         self._sends.clear()
 
     # --- receiving ---------------------------------------------------------------------------------
-    def _irecv(self, tensor: torch.Tensor, peer: int) -> dist.Work:
-        return dist.irecv(tensor, peer, group=self.group)
+    def _irecv(self, tensor: torch.Tensor, peer: int, tag: int = 0) -> dist.Work:
+        return dist.irecv(tensor, peer, group=self.group, tag=tag)
 
-    def _post(self, peer: int, tid: TransferId) -> None:
-        predicted = self._received_layout.get((tid[0], tid[1]))
+    def _post_next(self, peer: int) -> None:
+        """Post the first receive from ``peer`` not yet posted, predicted from its channel's last layout."""
+        tid = self._unposted[peer].popleft()
+        channel = (tid[0], tid[1])
+        predicted = self._received_layout.get(channel)
         buffer = torch.empty(_HEADER_BYTES + _packed_size(predicted), dtype=torch.uint8, device=self.device)
         self._posted[tid] = _Posted(buffer, self._irecv(buffer, peer), predicted)
+        self._open_channels.add(channel)
+
+    def _post_ahead(self, peer: int) -> None:
+        """Post receives from ``peer`` in plan order while their prediction is known: up to the first one whose
+        channel still has an earlier receive outstanding (its layout, the prediction, is not known yet)."""
+        unposted = self._unposted[peer]
+        while unposted and (unposted[0][0], unposted[0][1]) not in self._open_channels:
+            self._post_next(peer)
 
     def recv(self, peer: int, tid: TransferId, what: str) -> tuple[torch.Tensor | None, ...]:
         """Receive transfer ``tid`` from ``peer`` (it must be the next one the plan receives from that peer)."""
@@ -266,7 +281,7 @@ class Transport:
                 f"dualpipe rank {self.rank}: receive {tid} out of plan order (expected {queue[0] if queue else None})"
             )
         if tid not in self._posted:
-            self._post(peer, tid)
+            self._post_next(peer)
         posted = self._posted.pop(tid)
         self.wait(posted.work, what)
         count, as_predicted, layout = decode_header(posted.buffer[: _HEADER_LEN * 8].view(torch.int64).tolist())
@@ -278,20 +293,22 @@ class Transport:
                 )
             layout = posted.predicted
             received = _unpack(posted.buffer, layout, _HEADER_BYTES)
-        else:
+        else:  # the rest follows on the side tag
             if count > _HEADER_SLOTS:
                 spill = torch.empty((count - _HEADER_SLOTS) * _SLOT_LEN, dtype=torch.int64, device=self.device)
-                self.wait(self._irecv(spill, peer), what)
+                self.wait(self._irecv(spill, peer, _SIDE_TAG), what)
                 layout += _decode_slots(spill.tolist())
             size = _packed_size(layout)
             buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
             if size:
-                payload = self._irecv(buffer, peer)
+                payload = self._irecv(buffer, peer, _SIDE_TAG)
             received = _unpack(buffer, layout, 0)
-        self._received_layout[(tid[0], tid[1])] = layout
+        channel = (tid[0], tid[1])
+        self._received_layout[channel] = layout
+        self._open_channels.discard(channel)
         queue.popleft()
-        if self.lookahead and queue:
-            self._post(peer, queue[0])
+        if self.lookahead:
+            self._post_ahead(peer)
         if payload is not None:
             self.wait(payload, what)
         return tuple(received)
