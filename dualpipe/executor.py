@@ -16,9 +16,9 @@ The executor walks the rank's lowered action list (:func:`dualpipe.validate.lowe
   may differ in shape (variable sequence length) with no global shape list; a transfer of the same layout as
   the previous one on its channel (kept across a pipeline's steps) is one message, header and payload
   together. Sends are asynchronous and waited at the end of the step; on CPU (gloo) receives are posted ahead
-  of their ``RECV`` (one outstanding per channel), and waited there, bounded by the timeout. Ranks post messages in the plan's order,
-  which the validator proved consistent with per-peer FIFO matching (NCCL matches same-peer messages in
-  order).
+  of their ``RECV`` (one outstanding per channel), and waited there, bounded by the timeout. Ranks post
+  messages in the plan's order, which the validator proved consistent with per-peer FIFO matching (NCCL
+  matches same-peer messages in order).
 
 A failure inside an action re-raises with the schedule's rank x step grid, the failing step marked.
 """
