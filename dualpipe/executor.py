@@ -51,12 +51,20 @@ class WeightGradStore:
     ``WeightGradStore.enabled`` and call ``WeightGradStore.put(fn)``; these class methods reach the store of
     the pipeline step that is running (a context variable), so two models never see each other's closures.
     ``W`` actions run the closures queued by the matching ``I``.
+
+    The ``W`` also runs the autograd graph's parameter side again, which re-enters the backward of every
+    node that hangs parameters off the input path, including a model's custom functions that queued a
+    closure in the ``I``: during the ``W`` the store stays enabled, and a closure put by a node that already
+    queued one in the matching ``I`` is dropped (that ``I``'s closure covers it), while one put by a node the
+    ``I`` never ran is computed at once. Nodes are told apart by ``torch._C._current_autograd_node()``.
     """
 
     def __init__(self) -> None:
-        self._queue: list[list[Callable[[], None]]] = []
+        self._queue: list[tuple[list[Callable[[], None]], set[object]]] = []  # per I: closures, nodes that put
         self._pending: list[Callable[[], None]] = []
+        self._pending_nodes: set[object] = set()
         self._enabled = False
+        self._replaying: set[object] | None = None  # during a W: the nodes whose closures its I queued
 
     # --- DeepSeek-compatible class-level facade --------------------------------------------------
     @classmethod
@@ -66,16 +74,23 @@ class WeightGradStore:
     @classmethod
     def is_enabled(cls) -> bool:
         store = cls._current()
-        return bool(store is not None and store._enabled)
+        return bool(store is not None and (store._enabled or store._replaying is not None))
 
     @classmethod
     def put(cls, fn: Callable[[], None]) -> None:
         """Queue ``fn`` (a weight-gradient computation) for the running step's next ``W``."""
         store = cls._current()
+        if store is not None and store._replaying is not None:  # inside a W
+            if _current_node() not in store._replaying:
+                fn()  # a node its I never ran: nothing queued covers it
+            return
         if store is None or not store._enabled:
             fn()  # no split backward running: compute the weight gradient now
             return
         store._pending.append(fn)
+        node = _current_node()
+        if node is not None:
+            store._pending_nodes.add(node)
 
     # --- used by the executor ----------------------------------------------------------------------
     def begin_input_backward(self) -> None:
@@ -83,19 +98,32 @@ class WeightGradStore:
 
     def end_input_backward(self) -> None:
         self._enabled = False
-        self._queue.append(self._pending)
+        self._queue.append((self._pending, self._pending_nodes))
         self._pending = []
+        self._pending_nodes = set()
+
+    def begin_weight_backward(self) -> None:
+        """Enter the oldest I's W (see the class docstring); :meth:`pop` ends it."""
+        self._replaying = self._queue[0][1] if self._queue else set()
 
     def pop(self) -> None:
         """Run the closures of the oldest input-gradient backward."""
+        self._replaying = None
         if self._queue:
-            for fn in self._queue.pop(0):
+            for fn in self._queue.pop(0)[0]:
                 fn()
 
     def clear(self) -> None:
         self._queue.clear()
         self._pending.clear()
+        self._pending_nodes.clear()
         self._enabled = False
+        self._replaying = None
+
+
+def _current_node() -> object | None:
+    """The autograd node whose backward is running, if any."""
+    return torch._C._current_autograd_node()
 
 
 class _EnabledDescriptor:
@@ -352,7 +380,12 @@ class Executor:
             raise RuntimeError("W ran before its I")
         slot.weight_pending = False
         if slot.weight_work is not None:
-            weight_backward(slot.weight_work)
+            self.store.begin_weight_backward()
+            try:
+                weight_backward(slot.weight_work)
+            except BaseException:
+                self.store._replaying = None
+                raise
             slot.weight_work = None
         else:
             params = self._params(stage)

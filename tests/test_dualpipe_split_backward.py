@@ -4,16 +4,23 @@ Each case builds a stage (float64), runs a full ``backward`` for the reference g
 forward split into :func:`input_backward` and :func:`weight_backward`, and compares input and parameter
 gradients exactly. Graph shapes: linear layers, a weight used twice with a parameterised node between the
 uses, a multi-output node, a parameter-only output, an output that depends on no input, a custom autograd
-function, and a W that must not re-run the input side.
+function, and a W that must not re-run the input side. Then, through the pipeline on 2 ranks, a model that
+defers weight gradients through ``WeightGradStore`` (one on the input path, one on a parameter alone): each
+gradient must be counted once.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from dualpipe import DualPipeV, PipelineRunner, WeightGradStore
 from dualpipe.split_backward import input_backward, weight_backward
+from tests.harness import pool_fixture
+
+pool = pool_fixture(2)
 
 
 class _Mlp(nn.Module):
@@ -154,3 +161,106 @@ def test_weight_pass_skips_the_input_side() -> None:
     weight_backward(work)
     assert len(calls) == 1, "the W pass re-ran the GELU backward (input side)"
     assert all(p.grad is not None for p in module.parameters())
+
+
+# --- a model deferring weight gradients through WeightGradStore (DeepSeek's interface), on 2 ranks ---------
+
+
+class _StoreLinear(torch.autograd.Function):
+    """``x @ w`` whose weight gradient is deferred to the W when a split backward runs."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+
+        def weight_grad():
+            g = x.T @ grad
+            w.grad = g if w.grad is None else w.grad + g
+
+        if WeightGradStore.enabled:
+            WeightGradStore.put(weight_grad)
+        else:
+            weight_grad()
+        return grad @ w.T, None
+
+
+class _StoreDouble(torch.autograd.Function):
+    """``2 * p`` of a parameter alone (the parameter side: its backward first runs in the W)."""
+
+    @staticmethod
+    def forward(ctx, p):
+        ctx.param = p
+        return p * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        p = ctx.param
+
+        def weight_grad():
+            p.grad = 2 * grad if p.grad is None else p.grad + 2 * grad
+
+        if WeightGradStore.enabled:
+            WeightGradStore.put(weight_grad)
+        else:
+            weight_grad()
+        return None
+
+
+class _StoreStage(nn.Module):
+    def __init__(self, stage: int) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(300 + stage)
+        self.w1 = nn.Parameter(torch.randn(6, 6, generator=gen, dtype=torch.float64) / 3)
+        self.w2 = nn.Parameter(torch.randn(6, 6, generator=gen, dtype=torch.float64) / 3)
+        self.bias = nn.Parameter(torch.randn(6, generator=gen, dtype=torch.float64))
+
+    def forward(self, x):
+        return x + torch.tanh(_StoreLinear.apply(x, self.w1)) @ self.w2 + _StoreDouble.apply(self.bias)
+
+
+def _store_criterion(out, label):
+    return ((out - label) ** 2).mean()
+
+
+def _store_pipeline(name: str):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    num_chunks = 2 * world
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2 * num_chunks, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(2 * num_chunks, 6, generator=gen, dtype=torch.float64)
+    if name == "dualpipev":
+        stage_ids = [rank, 2 * world - 1 - rank]
+        runner = DualPipeV((_StoreStage(stage_ids[0]), _StoreStage(stage_ids[1])))
+        num_stages = 2 * world
+    else:
+        stage_ids = [rank]
+        runner = PipelineRunner(name, {rank: _StoreStage(rank)})
+        num_stages = world
+    loss, _ = runner.step(x, num_chunks=num_chunks, criterion=_store_criterion, labels=(y,))
+    stages = [_StoreStage(s) for s in range(num_stages)]
+    ref = []
+    for xc, yc in zip(torch.tensor_split(x, num_chunks), torch.tensor_split(y, num_chunks), strict=True):
+        h = xc
+        for m in stages:
+            h = m(h)
+        value = _store_criterion(h, yc)
+        value.backward()
+        ref.append(value.detach())
+    for s in stage_ids:
+        for p, q in zip(runner.stages[str(s)].parameters(), stages[s].parameters(), strict=True):
+            assert ((p.grad - q.grad).norm() <= 1e-12 * q.grad.norm()).item(), (
+                f"rank {rank} stage {s}: gradient differs"
+            )
+    if loss is not None:
+        assert torch.equal(loss, torch.stack(ref))
+    return True
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb1p", "dualpipev"])
+def test_weight_grad_store_closures_count_once(pool, name):
+    assert all(pool.run(_store_pipeline, name))
