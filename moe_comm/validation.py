@@ -202,7 +202,7 @@ def agree(
     values = header.values(local_error is not None) + counts
     row = torch.tensor(values, dtype=torch.int64).to(device).unsqueeze(0)
     table_t = torch.empty(world, len(values), dtype=torch.int64, device=device)
-    wait_all(ctx, [all_gather_rows(ctx, table_t, row)], f"{header.op} argument agreement")
+    wait_all(ctx, [all_gather_rows(ctx, table_t, row)], f"{header.op} argument agreement", spin=True)
     full = table_t.tolist()
     counts_table = [r[-(world + 1) :] for r in full]
     table = [r[: -(world + 1)] for r in full]

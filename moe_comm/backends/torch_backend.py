@@ -7,15 +7,17 @@ Normal mode moves each token once per destination rank:
 
 1. counts: one small ``all_gather`` of every rank's ``num_tokens_per_rank`` and ``num_tokens_per_expert``
    (skipped when the Buffer's agreement step already gathered them, and for a cached dispatch);
-2. payload: ``all_to_all_single`` of the rows (as raw bytes, so FP8 crosses gloo), plus a second
-   ``all_to_all_single`` of a small side channel per row: source token index, top-k ids and weights,
-   FP8 scales. The side channel is packed per token and gathered with the rows' index, and starts
-   first, so both are in flight together while the rows are gathered.
+2. payload: point-to-point messages per peer (:class:`moe_comm.collectives.PeerExchange`; one
+   ``batch_isend_irecv`` group on NCCL). Receives are posted first, straight into the slice of ``recv_x``
+   that holds that source's rows, so nothing is copied on arrival. The small side channel (source token
+   index, top-k ids and weights, FP8 scales: packed per token, gathered with the rows' index) leaves
+   first; then each peer's rows go out as soon as they are gathered, while the next peer's are gathered.
+   This rank's own rows never touch the transport: they are gathered straight into place.
 
 Combine returns one row per (token, rank) with the mirrored ``all_to_all_single``; the token owner sums
 them in rank order in float32 (float64 for float64). On the CPU it does so token block by token block
-(gather the block's R rows per token, a zero row where a rank returned none, and add them while they
-are in cache); on a GPU with one ``index_add_`` per rank.
+with ``embedding_bag`` over an upcast copy of the block's rows that stays in cache; on a GPU with one
+``index_add_`` per rank. Both give bitwise the same results.
 
 Worst-case mode (``num_worst_tokens > 0``) never reads counts on the host: every rank sends each peer a
 fixed block of ``C = num_worst_tokens // R`` rows (valid rows first, then filler) with equal-split
@@ -46,7 +48,7 @@ from moe_comm.backends.base import (
     DispatchRequest,
     LowLatencyDispatchOutput,
 )
-from moe_comm.collectives import StepContext, all_gather_rows, all_to_all_rows, as_bytes, wait_all
+from moe_comm.collectives import PeerExchange, StepContext, all_gather_rows, all_to_all_rows, as_bytes, wait_all
 from moe_comm.fp8 import FP8_DTYPE, per_token_cast_to_fp8
 from moe_comm.layout import compute_dispatch_layout, local_expert_ids, pad_to_alignment
 from moe_comm.types import DispatchHandle, LowLatencyHandle
@@ -56,6 +58,18 @@ __all__ = ["TorchBackend", "gather_count_matrix"]
 
 # Size of the float32 scratch that combine's reduction upcasts at a time on the CPU.
 _CPU_CHUNK_BYTES = 1 << 20
+
+# PeerExchange channels: rows and their side channel match separately between two ranks.
+_ROW_CHANNEL = 0
+_SIDE_CHANNEL = 1
+
+
+def _offsets(counts: Sequence[int]) -> list[int]:
+    """``[0, c0, c0 + c1, ...]``: where each rank's rows start (and the last one ends)."""
+    bounds = [0]
+    for count in counts:
+        bounds.append(bounds[-1] + count)
+    return bounds
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,7 +82,7 @@ def gather_count_matrix(ctx: StepContext, row: torch.Tensor, device: torch.devic
     local = row.to(device=device, dtype=torch.int64).reshape(1, -1)
     gathered = torch.empty(world, local.shape[1], dtype=torch.int64, device=device)
     work = all_gather_rows(ctx, gathered, local)
-    wait_all(ctx, [work], "count exchange")
+    wait_all(ctx, [work], "count exchange", spin=True)
     return gathered.cpu()
 
 
@@ -208,34 +222,43 @@ class TorchBackend(CommBackend):
         recv_topk_idx: torch.Tensor | None,
         recv_topk_weights: torch.Tensor | None,
         row_valid: torch.Tensor | None,
-    ) -> None:
-        """Fill the received top-k outputs in place: local expert ids, weights zeroed elsewhere."""
-        local = None
+    ) -> torch.Tensor | None:
+        """Fill the received top-k outputs in place: local expert ids, weights zeroed elsewhere.
+
+        Returns:
+            ``[N * K]`` int64 local expert ids plus one (0 where the expert is not local), for counting
+            experts with one ``bincount``; ``None`` without top-k ids.
+        """
+        shifted = None
         if recv_topk_idx is not None:
-            local = self._local_expert_ids(side.view(packed, "topk_idx"), request.num_experts)
+            shifted = self._local_expert_ids_plus_one(side.view(packed, "topk_idx"), request.num_experts)
             if row_valid is not None:
-                local = torch.where(row_valid.unsqueeze(1), local, -1)
-            recv_topk_idx.copy_(local)
+                shifted.view(recv_topk_idx.shape).mul_(row_valid.unsqueeze(1))
+            torch.sub(shifted.view(recv_topk_idx.shape), 1, out=recv_topk_idx)
         if recv_topk_weights is not None:
             weights = side.view(packed, "topk_weights")
-            keep = local >= 0 if local is not None else None
+            keep = shifted.view(recv_topk_weights.shape) > 0 if shifted is not None else None
             if keep is None and row_valid is not None:
-                keep = row_valid.unsqueeze(1).expand_as(weights)
-            recv_topk_weights.copy_(weights if keep is None else torch.where(keep, weights, 0.0))
+                keep = row_valid.unsqueeze(1)
+            if keep is not None:
+                torch.where(keep, weights, torch.zeros((), dtype=weights.dtype, device=weights.device), out=recv_topk_weights)
+            else:
+                recv_topk_weights.copy_(weights)
+        return shifted
 
-    def _local_expert_ids(self, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-        """``[N, K]`` global ids (any integer dtype) -> int64 ids local to this rank, -1 elsewhere.
+    def _local_expert_ids_plus_one(self, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+        """``[N, K]`` global ids (any integer dtype) -> flat ``[N * K]`` int64 local id + 1, 0 elsewhere.
 
-        Same values as :func:`moe_comm.layout.local_expert_ids` (ids outside ``[0, E)`` give -1 too),
+        Same values as :func:`moe_comm.layout.local_expert_ids` plus one (ids outside ``[0, E)`` give 0),
         with one table lookup instead of five elementwise passes.
         """
         experts_per_rank = num_experts // self._world
         start = self.context.rank * experts_per_rank
         # Entry i + 1 maps global id i; entry 0 catches ids < 0 and entry E + 1 ids >= E (after clamping).
-        table = torch.full((num_experts + 2,), -1, dtype=torch.int64, device=topk_idx.device)
-        table[start + 1 : start + 1 + experts_per_rank] = torch.arange(experts_per_rank, dtype=torch.int64, device=topk_idx.device)
+        table = torch.zeros(num_experts + 2, dtype=torch.int64, device=topk_idx.device)
+        table[start + 1 : start + 1 + experts_per_rank] = torch.arange(1, experts_per_rank + 1, dtype=torch.int64, device=topk_idx.device)
         shifted = (topk_idx + 1).clamp_(0, num_experts + 1).reshape(-1)
-        return table.index_select(0, shifted).view(topk_idx.shape)
+        return table.index_select(0, shifted)
 
     # ------------------------------------------------------------------------------------------------
     # normal mode, exact sizes
@@ -280,13 +303,13 @@ class TorchBackend(CommBackend):
 
         num_recv = sum(recv_counts)
         recv_x = torch.empty(num_recv, hidden, dtype=x.dtype, device=device)
-        staged_x = self._scratch.take((send_token_idx.numel(), hidden), x.dtype, device)
-        works: list[dist.Work | None] = []
+        send_at, recv_at = _offsets(send_counts), _offsets(recv_counts)
+        peers = [(rank + step) % world for step in range(1, world)]
+        exchange = PeerExchange(ctx)
 
-        # The small side channel goes first: it is in flight (and usually done) while the rows are gathered.
         fields = self._side_fields(request, with_src=cached is None)
         side = _SideChannel(fields) if fields else None
-        recv_side = None
+        send_side = recv_side = None
         if side is not None:
             values = {
                 name: tensor
@@ -299,9 +322,37 @@ class TorchBackend(CommBackend):
             }
             send_side = side.pack_tokens(num_tokens, values, device).index_select(0, send_token_idx)
             recv_side = torch.empty(num_recv, side.width, dtype=torch.uint8, device=device)
-            works.append(all_to_all_rows(ctx, recv_side, send_side, recv_counts, send_counts))
-        torch.index_select(x, 0, send_token_idx, out=staged_x)
-        works.append(all_to_all_rows(ctx, recv_x, staged_x, recv_counts, send_counts))
+
+        # Receives first, straight into the outputs: the rows of one source are one slice of recv_x.
+        for peer in peers:
+            lo, hi = recv_at[peer], recv_at[peer + 1]
+            if hi > lo:
+                if recv_side is not None:
+                    exchange.recv(recv_side[lo:hi], peer, _SIDE_CHANNEL)
+                exchange.recv(recv_x[lo:hi], peer, _ROW_CHANNEL)
+        # The small side channel leaves first; then each peer's rows as soon as they are gathered, while the
+        # next peer's are gathered.
+        if send_side is not None:
+            for peer in peers:
+                lo, hi = send_at[peer], send_at[peer + 1]
+                if hi > lo:
+                    exchange.send(send_side[lo:hi], peer, _SIDE_CHANNEL)
+        staged_x = self._scratch.take((sum(send_counts) - send_counts[rank], hidden), x.dtype, device)
+        staged_at = 0
+        for peer in peers:
+            lo, hi = send_at[peer], send_at[peer + 1]
+            if hi == lo:
+                continue
+            rows = staged_x[staged_at : staged_at + hi - lo]
+            staged_at += hi - lo
+            torch.index_select(x, 0, send_token_idx[lo:hi], out=rows)
+            exchange.send(rows, peer, _ROW_CHANNEL)
+        exchange.start()
+        # This rank's own rows never touch the transport: gathered straight into place.
+        lo, hi, own = send_at[rank], send_at[rank + 1], recv_at[rank]
+        torch.index_select(x, 0, send_token_idx[lo:hi], out=recv_x[own : own + hi - lo])
+        if recv_side is not None and send_side is not None:
+            recv_side[own : own + hi - lo].copy_(send_side[lo:hi])
 
         k = request.topk_idx.shape[1] if request.topk_idx is not None else 0
         recv_topk_idx = torch.empty(num_recv, k, dtype=torch.int64, device=device) if request.topk_idx is not None else None
@@ -348,20 +399,26 @@ class TorchBackend(CommBackend):
             handle = cached
 
         def finish() -> None:
-            wait_all(ctx, works, "payload all_to_all")
+            exchange.wait_recvs(_ROW_CHANNEL, "payload rows")
+            if side is not None and recv_side is not None:
+                # Sent before the rows, so it has landed: waiting on it first would cost this thread one more
+                # wake-up (a millisecond when ranks share cores) to overlap less than that of unpacking.
+                exchange.wait_recvs(_SIDE_CHANNEL, "side channel (token index, top-k, scales)")
+                unpack_side(side, recv_side)
+            exchange.wait_sends("payload rows (sends)")
             self._scratch.give(staged_x)
-            if side is None or recv_side is None:
-                return
+
+        def unpack_side(side: _SideChannel, recv_side: torch.Tensor) -> None:
             if cached is None:
                 handle.recv_src_idx.copy_(side.view(recv_side, "src_idx").squeeze(1))
             if recv_scales is not None:
                 recv_scales.copy_(side.view(recv_side, "scales"))
-            self._unpack_topk(side, recv_side, request, recv_topk_idx, recv_topk_weights, None)
+            shifted = self._unpack_topk(side, recv_side, request, recv_topk_idx, recv_topk_weights, None)
             if count_experts_on_arrival:
-                assert recv_topk_idx is not None
+                assert shifted is not None
                 experts_per_rank = request.num_experts // world
-                # Shifted by one so that -1 (not a local expert) lands in bin 0: no boolean mask needed.
-                counts = torch.bincount((recv_topk_idx + 1).view(-1), minlength=experts_per_rank + 1)[1:]
+                # Ids shifted by one: experts that are not local land in bin 0, no boolean mask needed.
+                counts = torch.bincount(shifted, minlength=experts_per_rank + 1)[1:]
                 expert_counts.extend(pad_to_alignment(counts, request.expert_alignment).tolist())
 
         return DispatchOutput(
@@ -381,7 +438,7 @@ class TorchBackend(CommBackend):
         x = request.x
         device = x.device
         num_tokens, hidden = x.shape
-        world, rank = self._world, self.context.rank
+        world = self._world
         block = request.num_worst_tokens // world
         cached = request.handle
 
@@ -529,10 +586,8 @@ class TorchBackend(CommBackend):
         assert handle.send_counts is not None and handle.recv_counts is not None
         send_counts, recv_counts = handle.send_counts, handle.recv_counts
         num_sent = sum(send_counts)
-        # One spare zero row after the received ones: the slot of every (token, rank) pair that was not sent.
-        back_x = self._scratch.take((num_sent + 1, x.shape[1]), x.dtype, device)
-        back_x[num_sent].zero_()
-        works = [all_to_all_rows(ctx, back_x[:num_sent], x, send_counts, recv_counts)]
+        back_x = self._scratch.take((num_sent, x.shape[1]), x.dtype, device)
+        works = [all_to_all_rows(ctx, back_x, x, send_counts, recv_counts)]
         back_w = None
         if request.topk_weights is not None:
             back_w = torch.empty(num_sent, request.topk_weights.shape[1], dtype=torch.float32, device=device)
@@ -542,71 +597,81 @@ class TorchBackend(CommBackend):
         pieces = [(token_of_row[a:b], a, b) for a, b in segments]
         if device.type != "cpu":
             return self._reduce_at_source(ctx, works, request, back_x, back_w, pieces, "payload all_to_all")
-        # slot[r, t]: the row of back_x that rank r returned for token t, or the zero row. Rows of one rank
-        # are in token order and each token reaches a rank at most once, so this is a plain scatter.
-        world = self._world
-        slot = torch.full((world, handle.num_tokens), num_sent, dtype=torch.int64, device=device)
-        if num_sent:
-            rank_of_row = torch.repeat_interleave(
-                torch.arange(world, device=device), torch.tensor(send_counts, device=device), output_size=num_sent
-            )
-            slot.index_put_((rank_of_row, token_of_row.to(torch.int64)), torch.arange(num_sent, device=device))
-        return self._reduce_dense(ctx, works, request, back_x, back_w, slot, pieces, "payload all_to_all")
+        return self._reduce_in_bags(ctx, works, request, back_x, back_w, pieces, "payload all_to_all")
 
-    def _reduce_dense(
+    def _reduce_in_bags(
         self,
         ctx: StepContext,
         works: list[dist.Work | None],
         request: CombineRequest,
         back_x: torch.Tensor,
         back_w: torch.Tensor | None,
-        slot: torch.Tensor,
         pieces: list[tuple[torch.Tensor, int, int]],
         step: str,
     ) -> CombineOutput:
-        """Sum every token's returned rows in rank order, token block by token block.
+        """Sum every token's returned rows on the CPU, token block by token block, with ``embedding_bag``.
 
-        Each block gathers its ``R`` rows per token (the zero row where a rank returned none) into a small
-        staging tensor and adds them up in the accumulation dtype while it is in cache; the sums, rounding
-        and order are those of :meth:`_reduce_at_source` (``0 + row_0 + row_1 + ...``), so the results
-        are bitwise the same. No scatter: every output row is written once.
+        Rank r returned its rows in token order, so the rows of a block of tokens are one contiguous range
+        per rank. The block upcasts those ranges (and its bias rows) into a small accumulation-dtype
+        scratch that stays in cache, then one ``embedding_bag`` adds up each token's bag (its ranks' rows in
+        rank order, then bias, then the second bias) from the first element on, and the block is rounded
+        once into the output. The sums, their order and the rounding are those of
+        :meth:`_reduce_at_source` (``0 + row_0 + row_1 + ... + bias``): the results are bitwise the same,
+        at about twice the speed of staging the rows and adding them with elementwise ops.
         """
         handle, x = request.handle, request.x
-        num_tokens, hidden = handle.num_tokens, x.shape[1]
-        world = slot.shape[0]
+        num_tokens, hidden, world = handle.num_tokens, x.shape[1], self._world
+        device = x.device
         acc_dtype = _accumulation_dtype(x.dtype)
-        combined = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+        biases = [b for b in request.bias if b is not None]
+        members = torch.cat(
+            [handle.is_token_in_rank.to(device), torch.ones(num_tokens, len(biases), dtype=torch.bool, device=device)], dim=1
+        )  # [T, R + biases]: the elements of each token's bag, in summation order
+        # Rows of rank r up to token t, shifted by rank r's first row: rank_rows[t, r] is where the block that
+        # starts at token t finds rank r's rows; rank_rows[t, R + i] = t places bias i's row in the same way.
+        first = torch.tensor(_offsets(handle.send_counts)[:-1] + [0] * len(biases), dtype=torch.int64, device=device)
+        rank_rows = torch.zeros(num_tokens + 1, members.shape[1], dtype=torch.int64, device=device)
+        torch.cumsum(members, dim=0, out=rank_rows[1:])
+        rank_rows.add_(first)
+        element_source = members.nonzero()[:, 1]  # token-major: which rank (or bias) each bag element is from
+        element_row = rank_rows[:-1][members] if members.numel() else torch.zeros(0, dtype=torch.int64, device=device)
+        bag_end = members.sum(dim=1, dtype=torch.int64).cumsum(dim=0)
+        acc_size = torch.empty(0, dtype=acc_dtype).element_size()
+        block = min(max(16, 2 * _CPU_CHUNK_BYTES // (acc_size * max(hidden, 1))), max(num_tokens, 1))
+        starts = list(range(0, num_tokens, block))
+        bounds = rank_rows[starts + [num_tokens]].tolist() if num_tokens else []
+        element_bounds = [0] + bag_end[[min(s + block, num_tokens) - 1 for s in starts]].tolist() if num_tokens else []
+        combined = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
         combined_w = None
         if back_w is not None:
-            combined_w = torch.empty(num_tokens, back_w.shape[1], dtype=torch.float32, device=x.device)
-        acc_size = torch.empty(0, dtype=acc_dtype).element_size()
-        # Blocks whose accumulator and staged rows stay in cache.
-        block = min(max(16, _CPU_CHUNK_BYTES // (acc_size * max(hidden, 1))), max(num_tokens, 1))
-        biases = [b for b in request.bias if b is not None]
+            combined_w = torch.empty(num_tokens, back_w.shape[1], dtype=torch.float32, device=device)
 
         def finish() -> None:
             wait_all(ctx, works, step)
-            staged = self._scratch.take((world, block, hidden), x.dtype, x.device)
-            acc = self._scratch.take((block, hidden), acc_dtype, x.device)
-            for lo in range(0, num_tokens, block):
+            sources = [back_x] * world + biases
+            scratch = self._scratch.take((members.shape[1] * block, hidden), acc_dtype, device)
+            for i, lo in enumerate(starts):
                 hi = min(lo + block, num_tokens)
-                n = hi - lo
-                rows = staged.view(-1)[: world * n * hidden].view(world, n, hidden)
-                torch.index_select(back_x, 0, slot[:, lo:hi].reshape(-1), out=rows.view(world * n, hidden))
-                a = acc[:n]
-                a.zero_()
-                for r in range(world):
-                    a.add_(rows[r])
-                for bias in biases:
-                    a.add_(bias[lo:hi].to(acc_dtype))
-                combined[lo:hi].copy_(a)
+                begin, end = bounds[i], bounds[i + 1]
+                shift, base = [], 0
+                for source, a, b in zip(sources, begin, end, strict=True):
+                    scratch[base : base + b - a].copy_(source[a:b])
+                    shift.append(base - a)
+                    base += b - a
+                e0, e1 = element_bounds[i], element_bounds[i + 1]
+                local = element_row[e0:e1] + torch.tensor(shift, dtype=torch.int64, device=device)[element_source[e0:e1]]
+                offsets = torch.cat([bag_end.new_zeros(1), bag_end[lo : hi - 1] - e0])
+                if base:
+                    combined[lo:hi].copy_(torch.nn.functional.embedding_bag(local, scratch[:base], offsets, mode="sum"))
+                else:
+                    combined[lo:hi].zero_()
             if combined_w is not None and back_w is not None:
-                acc_w = torch.zeros(num_tokens, back_w.shape[1], dtype=torch.float32, device=x.device)
+                acc_w = torch.zeros(num_tokens, back_w.shape[1], dtype=torch.float32, device=device)
                 for targets, start, stop in pieces:
                     if stop > start:
                         acc_w.index_add_(0, targets, back_w[start:stop])
                 combined_w.copy_(acc_w)
-            self._scratch.give(acc, staged, back_x)
+            self._scratch.give(scratch, back_x)
 
         return CombineOutput(combined_x=combined, combined_topk_weights=combined_w, finish=finish)
 
@@ -638,11 +703,8 @@ class TorchBackend(CommBackend):
 
     @staticmethod
     def _segments(counts: Sequence[int]) -> list[tuple[int, int]]:
-        bounds, start = [], 0
-        for count in counts:
-            bounds.append((start, start + count))
-            start += count
-        return bounds
+        bounds = _offsets(counts)
+        return list(zip(bounds[:-1], bounds[1:], strict=True))
 
     def _reduce_at_source(
         self,

@@ -59,6 +59,12 @@ def _print_table(records: list[dict[str, Any]]) -> None:
             f"{r['baseline_time_s_median'] * 1e3:>10.2f}{r['ratio_to_baseline']:>7.2f}{r['logical_gb_per_s']:>14.2f}"
             f"{r['wire_gb_per_s']:>11.2f}  {'met' if r['target_met'] else 'MISSED'} ({r['target']})"
         )
+    for r in records:
+        if "floor_time_s_median" in r:
+            print(
+                f"{r['op']} floor (count round + row gather + the a2a): {r['floor_time_s_median'] * 1e3:.2f} ms = "
+                f"{r['floor_ratio_to_baseline']:.2f} x the a2a; {r['op']} is {r['ratio_to_floor']:.2f} x its floor"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_comm.buffer import Buffer
 from moe_comm.bench.timing import time_interleaved
+from moe_comm.buffer import Buffer
+from moe_comm.collectives import StepContext, all_gather_rows, wait_all
 from moe_comm.fp8 import per_token_cast_to_fp8
 
 __all__ = ["BenchShape", "machine_info", "run_portable_suite"]
@@ -73,6 +74,14 @@ def _row_bytes(hidden: int, fp8: bool) -> int:
     return hidden + 4 * ((hidden + 127) // 128) if fp8 else 2 * hidden
 
 
+def payload_bytes(payload: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``[T, row_bytes]`` uint8: each token's row as it travels (FP8 data followed by its scales)."""
+    if isinstance(payload, tuple):
+        data, scales = payload
+        return torch.cat([data.view(torch.uint8), scales.view(torch.uint8)], dim=1)
+    return payload.view(torch.uint8)
+
+
 def _bytes_per_rank(counts_into_me: tuple[int, ...], rank: int, row_bytes: int, group: dist.ProcessGroup | None) -> tuple[float, float]:
     """Mean over ranks of (logical, wire) bytes received: all rows, and rows from other ranks."""
     logical = sum(counts_into_me) * row_bytes
@@ -117,6 +126,22 @@ def run_portable_suite(shape: BenchShape, backend: str = "torch") -> list[dict[s
         recv_rows = torch.empty(sum(recv_counts), row_bytes, dtype=torch.uint8, device=device)
         dist.all_to_all_single(recv_rows, send_rows, recv_counts, send_counts)
 
+    # The floor of any dispatch built on all_to_all_single: the transfer plus what the routing forces on it,
+    # one round of counts (a receiver cannot size its output before it knows them) and one gather of the
+    # rows into destination order; none of the top-k, side channel or checks.
+    count_row = torch.zeros(1, world + 1, dtype=torch.int64, device=device)
+    count_table = torch.empty(world, world + 1, dtype=torch.int64, device=device)
+    staged = torch.empty(sum(send_counts), row_bytes, dtype=torch.uint8, device=device)
+    rows_by_token = payload_bytes(payload)
+    step = StepContext(dist.group.WORLD, rank, "floor", buf.timeout_s)
+
+    def floor_dispatch() -> None:
+        wait_all(step, [all_gather_rows(step, count_table, count_row)], "counts", spin=True)
+        count_table.tolist()
+        torch.index_select(rows_by_token, 0, handle.send_token_idx, out=staged)
+        recv_rows = torch.empty(sum(recv_counts), row_bytes, dtype=torch.uint8, device=device)
+        dist.all_to_all_single(recv_rows, staged, recv_counts, send_counts)
+
     def raw_combine() -> None:
         back_recv = torch.empty(sum(send_counts), 2 * shape.hidden, dtype=torch.uint8, device=device)
         dist.all_to_all_single(back_recv, back_send, send_counts, recv_counts)
@@ -124,6 +149,7 @@ def run_portable_suite(shape: BenchShape, backend: str = "torch") -> list[dict[s
     ops = {
         "dispatch": lambda: buf.dispatch(payload, **layout_kwargs),
         "dispatch_baseline": raw_dispatch,
+        "dispatch_floor": floor_dispatch,
         "cached_dispatch": lambda: buf.dispatch(payload, handle=handle),
         "cached_dispatch_baseline": raw_dispatch,
         "combine": lambda: buf.combine(expert_out, handle),
@@ -145,7 +171,17 @@ def run_portable_suite(shape: BenchShape, backend: str = "torch") -> list[dict[s
         # The op and its baseline run back to back in every iteration, so machine noise (other ranks'
         # scheduling on an oversubscribed host) hits both; the median of the per-iteration ratios is the
         # steadier statistic and is reported next to the ratio of the medians.
-        paired = statistics.median(a / b for a, b in zip(t["samples"], base["samples"]) if b > 0)
+        paired = statistics.median(a / b for a, b in zip(t["samples"], base["samples"], strict=True) if b > 0)
+        floor = {}
+        if op == "dispatch":
+            f = times["dispatch_floor"]
+            floor = dict(
+                floor="count round (spin-waited all-to-all of R+1 int64) + index_select of the rows + the baseline transfer",
+                floor_time_s_median=f["median"],
+                floor_ratio_to_baseline=f["median"] / base["median"],
+                ratio_to_floor=t["median"] / f["median"],
+                floor_time_s_samples=f["samples"],
+            )
         records.append(
             dict(
                 op=op,
@@ -172,6 +208,7 @@ def run_portable_suite(shape: BenchShape, backend: str = "torch") -> list[dict[s
                 target=f"time <= {PORTABLE_TARGET_RATIO} x baseline",
                 target_met=bool(ratio <= PORTABLE_TARGET_RATIO),
                 shape=asdict(shape),
+                **floor,
             )
         )
     buf.destroy()
