@@ -20,6 +20,10 @@ from moe_comm.errors import CommTimeoutError
 __all__ = ["PeerExchange", "StepContext", "all_gather_rows", "all_to_all_rows", "as_bytes", "wait_all"]
 
 
+# Longest spin of a ``spin=True`` wait before it sleeps: a few small-message round trips on a loaded host.
+_SPIN_S = 3e-3
+
+
 class StepContext:
     """Names the rank, operation and timeout for the error raised when a wait expires."""
 
@@ -59,6 +63,7 @@ def wait_all(
         spin: on gloo, poll the work and yield the CPU between polls instead of sleeping until the
             transport thread wakes this one. For small collectives (headers, counts) only: it saves a
             scheduler wake-up (1-2 ms when ranks share cores) but burns CPU during a long transfer.
+            Spins at most ``_SPIN_S``, then sleeps as usual.
             Collectives only: a gloo point-to-point work reports completion only once waited on.
     """
     deadline = time.monotonic() + ctx.timeout_s
@@ -66,9 +71,9 @@ def wait_all(
         if work is None:
             continue
         if spin and not ctx.is_nccl:
-            while not work.is_completed():
-                if time.monotonic() > deadline:
-                    raise ctx.timeout_error(step)
+            # Spin only briefly: a peer still computing must not have its cores taken by a waiting rank.
+            spin_until = min(time.monotonic() + _SPIN_S, deadline)
+            while not work.is_completed() and time.monotonic() < spin_until:
                 os.sched_yield()
         if ctx.is_nccl:
             if host_visible:
