@@ -72,6 +72,18 @@ def _offsets(counts: Sequence[int]) -> list[int]:
     return bounds
 
 
+def _sum_weights(back_w: torch.Tensor, pieces: Sequence[tuple[torch.Tensor, int, int]], rows: int) -> torch.Tensor:
+    """``[rows, K]`` float32: the returned top-k weights ``back_w`` summed per target row, rank by rank.
+
+    ``pieces`` holds, per rank, the target row of each of its rows and their range in ``back_w``.
+    """
+    acc_w = torch.zeros(rows, back_w.shape[1], dtype=torch.float32, device=back_w.device)
+    for targets, start, stop in pieces:
+        if stop > start:
+            acc_w.index_add_(0, targets, back_w[start:stop])
+    return acc_w
+
+
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -634,7 +646,7 @@ class TorchBackend(CommBackend):
         torch.cumsum(members, dim=0, out=rank_rows[1:])
         rank_rows.add_(first)
         element_source = members.nonzero()[:, 1]  # token-major: which rank (or bias) each bag element is from
-        element_row = rank_rows[:-1][members] if members.numel() else torch.zeros(0, dtype=torch.int64, device=device)
+        element_row = rank_rows[:-1][members]
         bag_end = members.sum(dim=1, dtype=torch.int64).cumsum(dim=0)
         acc_size = torch.empty(0, dtype=acc_dtype).element_size()
         block = min(max(16, 2 * _CPU_CHUNK_BYTES // (acc_size * max(hidden, 1))), max(num_tokens, 1))
@@ -666,11 +678,7 @@ class TorchBackend(CommBackend):
                 else:
                     combined[lo:hi].zero_()
             if combined_w is not None and back_w is not None:
-                acc_w = torch.zeros(num_tokens, back_w.shape[1], dtype=torch.float32, device=device)
-                for targets, start, stop in pieces:
-                    if stop > start:
-                        acc_w.index_add_(0, targets, back_w[start:stop])
-                combined_w.copy_(acc_w)
+                combined_w.copy_(_sum_weights(back_w, pieces, num_tokens))
             self._scratch.give(scratch, back_x)
 
         return CombineOutput(combined_x=combined, combined_topk_weights=combined_w, finish=finish)
@@ -730,7 +738,6 @@ class TorchBackend(CommBackend):
         def finish() -> None:
             wait_all(ctx, works, step)
             acc = self._scratch.take((num_tokens + extra, x.shape[1]), acc_dtype, x.device).zero_()
-            acc_w = None if back_w is None else torch.zeros(num_tokens + extra, back_w.shape[1], dtype=torch.float32, device=x.device)
             # On the CPU the upcast goes chunk by chunk so that its float32 copy stays in cache (5x faster
             # than one pass over the whole tensor); on a GPU one kernel per rank is best.
             chunk = max(16, _CPU_CHUNK_BYTES // (4 * max(x.shape[1], 1))) if x.device.type == "cpu" else None
@@ -739,15 +746,13 @@ class TorchBackend(CommBackend):
                 for lo in range(start, stop, rows_at_once):
                     hi = min(lo + rows_at_once, stop)
                     acc.index_add_(0, targets[lo - start : hi - start], back_x[lo:hi].to(acc_dtype))
-                if acc_w is not None and back_w is not None and stop > start:
-                    acc_w.index_add_(0, targets, back_w[start:stop])
             result = acc[:num_tokens]
             for bias in request.bias:
                 if bias is not None:
                     result = result + bias.to(acc_dtype)
             combined.copy_(result)
-            if combined_w is not None and acc_w is not None:
-                combined_w.copy_(acc_w[:num_tokens])
+            if combined_w is not None and back_w is not None:
+                combined_w.copy_(_sum_weights(back_w, pieces, num_tokens + extra)[:num_tokens])
             self._scratch.give(acc, back_x)
 
         return CombineOutput(combined_x=combined, combined_topk_weights=combined_w, finish=finish)
