@@ -54,8 +54,12 @@ def test_bench_writes_one_record_per_op(tmp_path, capsys):
         # Wire bytes leave out the rows a rank keeps; with 2 ranks and 4 of 8 experts some always cross.
         assert 0 < r["wire_bytes"] < r["logical_bytes"]
         assert len(r["time_s_samples"]) == 3
+        # CPU time covers the transport threads too: a transfer between processes costs its ranks some.
+        assert r["cpu_time_s_median"] > 0 and r["baseline_cpu_time_s_median"] > 0
+        assert r["host_cpu_load"] > 0 and r["ranks_on_host"] == 2
     d = records["dispatch"]
     # Mean over ranks of the rows received, own rows included: between one and two ranks' tokens per rank.
     assert 96 * 2 * 64 <= d["logical_bytes"] <= 2 * 96 * 2 * 64
     assert d["floor_time_s_median"] > 0 and d["ratio_to_floor"] > 0
-    assert "dispatch floor" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "dispatch floor" in printed and "combine CPU per rank" in printed

@@ -60,6 +60,13 @@ def _print_table(records: list[dict[str, Any]]) -> None:
             f"{r['wire_gb_per_s']:>11.2f}  {'met' if r['target_met'] else 'MISSED'} ({r['target']})"
         )
     for r in records:
+        if r.get("cpu_ratio_to_baseline") is not None:
+            print(
+                f"{r['op']} CPU per rank: {r['cpu_time_s_median'] * 1e3:.2f} ms vs {r['baseline_cpu_time_s_median'] * 1e3:.2f} ms "
+                f"for the a2a ({r['cpu_ratio_to_baseline']:.2f} x); {r['ranks_on_host']} ranks kept "
+                f"{100 * r['host_cpu_load']:.0f}% of {r['host_cpu_count']} cores busy ({100 * r['baseline_host_cpu_load']:.0f}% in the a2a)"
+            )
+    for r in records:
         if "floor_time_s_median" in r:
             print(
                 f"{r['op']} floor (count round + row gather + the a2a): {r['floor_time_s_median'] * 1e3:.2f} ms = "

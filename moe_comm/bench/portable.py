@@ -9,6 +9,7 @@ Legend: T tokens per rank, H hidden, K top-k, E experts, R ranks, S rows sent, N
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 from dataclasses import asdict, dataclass
@@ -47,7 +48,7 @@ def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda_device": None,
@@ -160,6 +161,14 @@ def run_portable_suite(shape: BenchShape, backend: str = "torch") -> list[dict[s
     # Combine sends back what dispatch received: the token owner receives one bf16 row per (token, rank).
     combine_bytes = _bytes_per_rank(tuple(send_counts), rank, 2 * shape.hidden, None)
     dtype = "fp8_e4m3+scales" if shape.fp8_dispatch else "bfloat16"
+    ranks_on_host = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    cores = os.cpu_count() or 1
+
+    def host_load(timing: dict[str, Any]) -> float:
+        # Share of the host's cores the ranks kept busy during the op: near 1, the host is CPU-bound and
+        # the op's time over its baseline's tends to the ratio of their CPU times.
+        return ranks_on_host * timing["cpu_median"] / (cores * timing["median"]) if timing["median"] > 0 else 0.0
+
     records = []
     for op, op_dtype, (logical, wire) in (
         ("dispatch", dtype, dispatch_bytes),
@@ -201,6 +210,14 @@ def run_portable_suite(shape: BenchShape, backend: str = "torch") -> list[dict[s
                 ratio_paired_median=paired,
                 time_s_samples=t["samples"],
                 baseline_time_s_samples=base["samples"],
+                cpu_time_s_median=t["cpu_median"],
+                baseline_cpu_time_s_median=base["cpu_median"],
+                cpu_ratio_to_baseline=t["cpu_median"] / base["cpu_median"] if base["cpu_median"] > 0 else None,
+                cpu_time="process CPU time (all threads, user + system) one run costs a rank, mean over ranks",
+                host_cpu_load=host_load(t),
+                baseline_host_cpu_load=host_load(base),
+                ranks_on_host=ranks_on_host,
+                host_cpu_count=cores,
                 logical_bytes=logical,
                 wire_bytes=wire,
                 logical_gb_per_s=logical / t["median"] / 1e9,

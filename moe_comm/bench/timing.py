@@ -41,12 +41,14 @@ def time_interleaved(
         group: the process group the operations use.
 
     Returns:
-        name -> ``{"median": s, "min": s, "max": s, "samples": [s, ...]}`` of the per-iteration times in
-        seconds (``samples`` in iteration order, so that ops of one iteration can be paired), identical on
-        every rank.
+        name -> ``{"median": s, "min": s, "max": s, "samples": [s, ...], "cpu_median": s}``: the
+        per-iteration times in seconds (``samples`` in iteration order, so that ops of one iteration can be
+        paired) and the CPU time one run costs a rank (its process, transport threads included: the
+        median over iterations, averaged over ranks). Identical on every rank.
     """
     names = list(ops)
     samples = torch.zeros(iters, len(names), dtype=torch.float64)
+    cpu = torch.zeros(iters, len(names), dtype=torch.float64)
     for it in range(warmup + iters):
         order = list(enumerate(names))
         if it % 2:
@@ -54,21 +56,26 @@ def time_interleaved(
         for j, name in order:
             _sync(device)
             dist.barrier(group=group)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             ops[name]()
             _sync(device)
-            elapsed = time.perf_counter() - start
+            elapsed, spent = time.perf_counter() - start, time.process_time() - start_cpu
             if it >= warmup:
                 samples[it - warmup, j] = elapsed
+                cpu[it - warmup, j] = spent
     gathered = samples.to(device)
     dist.all_reduce(gathered, op=dist.ReduceOp.MAX, group=group)
     gathered = gathered.cpu()
+    cpu_per_rank = cpu.quantile(0.5, dim=0).to(device)
+    dist.all_reduce(cpu_per_rank, group=group)
+    cpu_mean = (cpu_per_rank.cpu() / dist.get_world_size(group)).tolist()
     return {
         name: {
             "median": statistics.median(gathered[:, j].tolist()),
             "min": float(gathered[:, j].min()),
             "max": float(gathered[:, j].max()),
             "samples": gathered[:, j].tolist(),
+            "cpu_median": cpu_mean[j],
         }
         for j, name in enumerate(names)
     }
