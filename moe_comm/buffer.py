@@ -277,7 +277,7 @@ class Buffer:
         assert idx is not None
         with self._on_comm_stream(previous_event) as stream:
             per_rank, per_expert, in_rank = self.backend.get_dispatch_layout(idx, num_experts)
-            event = self._finish(None, async_finish, stream, (idx,))
+        event = self._finish(None, async_finish, stream, (idx,))
         return DispatchLayout(per_rank, None, per_expert, in_rank, event)
 
     def dispatch(
@@ -409,7 +409,7 @@ class Buffer:
             request = dataclasses.replace(request, rank_matrix=rank_matrix)
         with self._on_comm_stream(previous_event) as stream:
             out = self.backend.dispatch(request)
-            event = self._finish(out.finish, async_finish, stream, (data, scales, idx, weights))
+        event = self._finish(out.finish, async_finish, stream, (data, scales, idx, weights))
         recv_x: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = out.recv_x
         if out.recv_x_scales is not None:
             recv_x = (out.recv_x, out.recv_x_scales)
@@ -482,7 +482,7 @@ class Buffer:
         assert request is not None
         with self._on_comm_stream(previous_event) as stream:
             out = self.backend.combine(request)
-            event = self._finish(out.finish, async_finish, stream, (data,))
+        event = self._finish(out.finish, async_finish, stream, (data,))
         return CombineResult(out.combined_x, out.combined_topk_weights, event)
 
     # ------------------------------------------------------------------------------------------------
@@ -538,7 +538,7 @@ class Buffer:
         assert data is not None and idx is not None
         with self._on_comm_stream(None) as stream:
             out = self.backend.low_latency_dispatch(data, idx, num_max_dispatch_tokens_per_rank, num_experts, bool(use_fp8), return_recv_hook)
-            event = self._finish(None, async_finish, stream, (data, idx))
+        event = self._finish(None, async_finish, stream, (data, idx))
         recv_x: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = out.recv_x
         if out.recv_x_scales is not None:
             recv_x = (out.recv_x, out.recv_x_scales)
@@ -590,5 +590,5 @@ class Buffer:
         self._agree(op, header, error, values_checked)
         with self._on_comm_stream(None) as stream:
             combined, hook = self.backend.low_latency_combine(x.contiguous(), topk_idx, topk_weights, handle, return_recv_hook, out)
-            event = self._finish(None, async_finish, stream, (x,))
+        event = self._finish(None, async_finish, stream, (x,))
         return LowLatencyCombineResult(combined, event, hook)

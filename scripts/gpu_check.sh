@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for the GPU machine: build, GPU tests, sanitizers, CUDA bench; logs + summary under OUTDIR.
-# Usage: scripts/gpu_check.sh OUTDIR      (python3 on PATH, no venv, no network; total < 9 minutes)
+# Usage: scripts/gpu_check.sh OUTDIR      (python3 on PATH, no venv, no network; total <= GPU_CHECK_BUDGET_S, default 540)
 # Afterwards, on the development machine: python scripts/record_gpu_run.py OUTDIR "<device name>" writes the
 # benchmarks/results JSON and prints a docs/gpu-log.md draft.
 # Writes at most 8 files directly in OUTDIR: build.log tests.log junit.xml sanitizer.log bench.log
@@ -15,9 +15,16 @@ export MOE_COMM_CUDA_ARCHS="${MOE_COMM_CUDA_ARCHS:-90}"
 declare -A RC
 START=$(date +%s)
 
+BUDGET_S="${GPU_CHECK_BUDGET_S:-540}"
+
 step() {  # step NAME LIMIT_S LOGFILE CMD...
   local name="$1" limit="$2" log="$3"; shift 3
   local t0=$(date +%s)
+  local left=$(( BUDGET_S - (t0 - START) - 10 ))
+  if (( left < 5 )); then
+    echo "=== $name skipped: the ${BUDGET_S}s budget is spent ===" | tee -a "$log"; RC[$name]=124; return
+  fi
+  (( limit > left )) && limit=$left
   echo "=== $name ($(date -u +%H:%M:%S)) ===" | tee -a "$log"
   timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
   RC[$name]=$?

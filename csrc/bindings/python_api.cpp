@@ -27,7 +27,7 @@ T* as_ptr(uint64_t p, const char* name, bool allow_null = false) {
 cudaStream_t as_stream(uint64_t s) { return reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(s)); }
 
 // view = (peers, rank, num_ranks, dispatch_region_bytes, combine_region_bytes, epoch, blocks_base,
-//         timeout_cycles, err_record): moe_comm/backends/cuda_memory.py builds it.
+//         timeout_ns, err_record): moe_comm/backends/cuda_memory.py builds it.
 PeerView peer_view(const py::tuple& t) {
   if (t.size() != 9) throw Error("view: expected a 9-tuple, got " + std::to_string(t.size()) + " items", __FILE__, __LINE__);
   PeerView v;
@@ -38,7 +38,7 @@ PeerView peer_view(const py::tuple& t) {
   v.combine_region_bytes = t[4].cast<size_t>();
   v.epoch = t[5].cast<int>();
   v.blocks_base = t[6].cast<int>();
-  v.timeout_cycles = t[7].cast<long long>();
+  v.timeout_ns = t[7].cast<long long>();
   v.err = as_ptr<TimeoutRecord>(t[8].cast<uint64_t>(), "view.err");
   return v;
 }
@@ -210,11 +210,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("timeout_record_bytes", []() { return sizeof(TimeoutRecord); });
   m.def(
       "barrier",
-      [](uint64_t counters_table, int rank, int num_ranks, int epoch, long long timeout_cycles, uint64_t err_record,
+      [](uint64_t counters_table, int rank, int num_ranks, int epoch, long long timeout_ns, uint64_t err_record,
          uint64_t stream) {
-        launch_barrier(as_ptr<int* const>(counters_table, "counters_table"), rank, num_ranks, epoch, timeout_cycles,
+        launch_barrier(as_ptr<int* const>(counters_table, "counters_table"), rank, num_ranks, epoch, timeout_ns,
                        as_ptr<void>(err_record, "err_record"), as_stream(stream));
       },
-      py::arg("counters_table"), py::arg("rank"), py::arg("num_ranks"), py::arg("epoch"), py::arg("timeout_cycles"),
+      py::arg("counters_table"), py::arg("rank"), py::arg("num_ranks"), py::arg("epoch"), py::arg("timeout_ns"),
       py::arg("err_record"), py::arg("stream"));
 }

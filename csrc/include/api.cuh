@@ -16,7 +16,7 @@ void launch_sm_copy(void* dst, const void* src, size_t bytes, int num_sms, cudaS
 
 // Cross-rank barrier: counters_table is a device array of num_ranks device pointers (peer counter arrays).
 // err_record: host-mapped TimeoutRecord (ptx.cuh) filled on timeout; the host checks it after syncing.
-void launch_barrier(int* const* counters_table, int rank, int num_ranks, int epoch, long long timeout_cycles,
+void launch_barrier(int* const* counters_table, int rank, int num_ranks, int epoch, long long timeout_ns,
                     void* err_record, cudaStream_t stream);
 
 }  // namespace moe_comm

@@ -19,7 +19,7 @@ struct PeerView {
   size_t combine_region_bytes;
   int epoch;                   // this call's epoch (1, 2, ...): flags are compared against it, never reset
   int blocks_base;             // the kernel's finished-block counter before this launch
-  long long timeout_cycles;    // bound on every spin wait
+  long long timeout_ns;        // bound on every spin wait, in nanoseconds of the global timer
   TimeoutRecord* err;          // host-mapped error record
 };
 
@@ -90,7 +90,7 @@ inline void check_peer_view(const PeerView& v) {
   MC_CHECK(v.num_ranks >= 1 && v.num_ranks <= 8, "num_ranks must be in [1, 8]");
   MC_CHECK(v.rank >= 0 && v.rank < v.num_ranks, "rank must be in [0, num_ranks)");
   MC_CHECK(v.epoch >= 1, "epoch must be >= 1");
-  MC_CHECK(v.timeout_cycles > 0, "timeout_cycles must be > 0");
+  MC_CHECK(v.timeout_ns > 0, "timeout_ns must be > 0");
   MC_CHECK(v.err != nullptr, "err: null timeout record");
   MC_CHECK(v.dispatch_region_bytes % 128 == 0 && v.combine_region_bytes % 128 == 0,
            "region sizes must be multiples of 128 bytes");

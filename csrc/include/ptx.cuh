@@ -17,7 +17,7 @@ enum Phase : int {
 
 // Error record written to host-mapped memory when a bounded wait expires or a capacity check fails.
 struct TimeoutRecord {
-  int flag;      // 0 = none, 1 = error
+  int flag;      // 0 = none, -1 = being written, 1 = error (the other fields are complete)
   int rank;
   int peer;
   int phase;
@@ -44,23 +44,32 @@ __device__ __forceinline__ int atomic_add_release_sys(int* p, int v) {
 
 __device__ __forceinline__ void record_error(TimeoutRecord* err, int rank, int peer, int phase, long long expected,
                                              long long observed) {
-  if (err != nullptr && atomicCAS(&err->flag, 0, 1) == 0) {
+  if (err != nullptr && atomicCAS(&err->flag, 0, -1) == 0) {
     err->rank = rank;
     err->peer = peer;
     err->phase = phase;
     err->expected = expected;
     err->observed = observed;
     __threadfence_system();
+    atomicExch(&err->flag, 1);
   }
 }
 
-// Spin until *p >= expected or `timeout_cycles` elapse; on expiry fill `err` (first writer wins) and return false.
-__device__ __forceinline__ bool wait_geq(const int* p, int expected, long long timeout_cycles, TimeoutRecord* err,
+// Nanoseconds of the GPU's global timer: wall time, unlike clock64(), whose rate follows the SM clock (an idle
+// H200 runs at a fifth of the rate cudaDevAttrClockRate reports, which would stretch every timeout five-fold).
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Spin until *p >= expected or `timeout_ns` elapse; on expiry fill `err` (first writer wins) and return false.
+__device__ __forceinline__ bool wait_geq(const int* p, int expected, long long timeout_ns, TimeoutRecord* err,
                                          int rank, int peer, int phase) {
-  const long long start = clock64();
+  const unsigned long long start = global_timer_ns();
   int v;
   while ((v = ld_acquire_sys(p)) < expected) {
-    if (clock64() - start > timeout_cycles) {
+    if (static_cast<long long>(global_timer_ns() - start) > timeout_ns) {
       record_error(err, rank, peer, phase, expected, v);
       return false;
     }
@@ -71,11 +80,11 @@ __device__ __forceinline__ bool wait_geq(const int* p, int expected, long long t
 // Threads 0..num_ranks-1 each wait for header[slot + thread] >= expected; returns (to every thread of the
 // block) whether all waits succeeded. Must be reached by the whole block.
 __device__ __forceinline__ bool block_wait_all_ranks(const int* header, int slot, int num_ranks, int expected,
-                                                     long long timeout_cycles, TimeoutRecord* err, int rank,
+                                                     long long timeout_ns, TimeoutRecord* err, int rank,
                                                      int phase) {
   int ok = 1;
   if (threadIdx.x < num_ranks)
-    ok = wait_geq(header + slot + threadIdx.x, expected, timeout_cycles, err, rank, threadIdx.x, phase) ? 1 : 0;
+    ok = wait_geq(header + slot + threadIdx.x, expected, timeout_ns, err, rank, threadIdx.x, phase) ? 1 : 0;
   return __syncthreads_and(ok) != 0;
 }
 
@@ -86,7 +95,7 @@ __device__ __forceinline__ bool block_wait_all_ranks(const int* header, int slot
 __device__ __forceinline__ bool last_block_to_finish(int* counter, int base) {
   __threadfence_system();
   const int old = atomicAdd(counter, 1);
-  const bool last = old + 1 == base + int(gridDim.x);
+  const bool last = unsigned(old) + 1u == unsigned(base) + gridDim.x;
   if (last) __threadfence_system();
   return last;
 }

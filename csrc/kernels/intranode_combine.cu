@@ -16,7 +16,7 @@ __global__ void __launch_bounds__(kIntranodeThreads) combine_send_kernel(Combine
   const PeerView& v = a.view;
   int* own = header_of(v, v.rank);
   // Every token owner must have reduced what we returned in the previous epoch.
-  if (!block_wait_all_ranks(own, kSlotCombineFree, v.num_ranks, v.epoch - 1, v.timeout_cycles, v.err, v.rank,
+  if (!block_wait_all_ranks(own, kSlotCombineFree, v.num_ranks, v.epoch - 1, v.timeout_ns, v.err, v.rank,
                             kPhaseCombineFree))
     return;
 
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kIntranodeThreads) combine_recv_kernel(Combine
   constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
   const PeerView& v = a.view;
   int* own = header_of(v, v.rank);
-  if (!block_wait_all_ranks(own, kSlotCombineFlag, v.num_ranks, v.epoch, v.timeout_cycles, v.err, v.rank,
+  if (!block_wait_all_ranks(own, kSlotCombineFlag, v.num_ranks, v.epoch, v.timeout_ns, v.err, v.rank,
                             kPhaseCombineArrive))
     return;
 
@@ -156,6 +156,7 @@ void launch_combine_send(const CombineSendArgs& a, int num_sms, cudaStream_t str
   MC_CHECK(a.recv_counts != nullptr, "recv_counts: null pointer");
   MC_CHECK(size_t(a.capacity_rows) * combine_record_bytes(a.row_bytes, a.num_topk) <= a.view.combine_region_bytes,
            "capacity_rows exceeds the combine region");
+  MC_CHECK(reinterpret_cast<uintptr_t>(a.x) % 16 == 0, "x must be 16-byte aligned");
   combine_send_kernel<<<num_sms, kIntranodeThreads, 0, stream>>>(a);
   MC_LAUNCH_CHECK();
 }
@@ -168,6 +169,7 @@ void launch_combine_recv(const CombineRecvArgs& a, int num_sms, cudaStream_t str
   MC_CHECK(a.num_topk >= 0 && a.num_topk <= kMaxTopk, "num_topk must be in [0, 32]");
   MC_CHECK(a.num_tokens == 0 || (a.out != nullptr && a.is_token_in_rank != nullptr && a.send_pos != nullptr),
            "out/is_token_in_rank/send_pos: null pointer");
+  MC_CHECK(reinterpret_cast<uintptr_t>(a.out) % 16 == 0, "out must be 16-byte aligned");
   MC_CHECK(size_t(a.capacity_rows) * combine_record_bytes(row_bytes, a.num_topk) <= a.view.combine_region_bytes,
            "capacity_rows exceeds the combine region");
   switch (a.dtype) {

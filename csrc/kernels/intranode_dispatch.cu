@@ -15,7 +15,7 @@ __global__ void __launch_bounds__(kIntranodeThreads) dispatch_send_kernel(Dispat
   const PeerView& v = a.view;
   int* own = header_of(v, v.rank);
   // Every destination must have read out what we wrote in the previous epoch before we overwrite it.
-  if (!block_wait_all_ranks(own, kSlotDispatchFree, v.num_ranks, v.epoch - 1, v.timeout_cycles, v.err, v.rank,
+  if (!block_wait_all_ranks(own, kSlotDispatchFree, v.num_ranks, v.epoch - 1, v.timeout_ns, v.err, v.rank,
                             kPhaseDispatchFree))
     return;
 
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kIntranodeThreads) dispatch_send_kernel(Dispat
 __global__ void __launch_bounds__(kIntranodeThreads) dispatch_recv_kernel(DispatchRecvArgs a) {
   const PeerView& v = a.view;
   int* own = header_of(v, v.rank);
-  if (!block_wait_all_ranks(own, kSlotDispatchFlag, v.num_ranks, v.epoch, v.timeout_cycles, v.err, v.rank,
+  if (!block_wait_all_ranks(own, kSlotDispatchFlag, v.num_ranks, v.epoch, v.timeout_ns, v.err, v.rank,
                             kPhaseDispatchArrive))
     return;
 
@@ -126,6 +126,7 @@ void launch_dispatch_send(const DispatchSendArgs& a, int num_sms, cudaStream_t s
   MC_CHECK(a.num_tokens == 0 || (a.x != nullptr && a.is_token_in_rank != nullptr && a.send_pos != nullptr),
            "x/is_token_in_rank/send_pos: null pointer");
   MC_CHECK(a.num_tokens_per_rank != nullptr, "num_tokens_per_rank: null pointer");
+  MC_CHECK(reinterpret_cast<uintptr_t>(a.x) % 16 == 0, "x must be 16-byte aligned");
   MC_CHECK(a.topk_idx == nullptr || a.experts_per_rank > 0, "experts_per_rank must be > 0 with top-k");
   MC_CHECK(size_t(a.capacity_rows) * token_record_bytes(a.row_bytes, a.num_scales, a.num_topk) <=
                a.view.dispatch_region_bytes, "capacity_rows exceeds the dispatch region");
@@ -140,6 +141,7 @@ void launch_dispatch_recv(const DispatchRecvArgs& a, int num_sms, cudaStream_t s
   MC_CHECK(a.num_topk >= 0 && a.num_topk <= kMaxTopk, "num_topk must be in [0, 32]");
   MC_CHECK(a.recv_counts != nullptr, "recv_counts: null pointer");
   MC_CHECK(a.max_rows == 0 || a.recv_x != nullptr, "recv_x: null pointer");
+  MC_CHECK(reinterpret_cast<uintptr_t>(a.recv_x) % 16 == 0, "recv_x must be 16-byte aligned");
   MC_CHECK(size_t(a.capacity_rows) * token_record_bytes(a.row_bytes, a.num_scales, a.num_topk) <=
                a.view.dispatch_region_bytes, "capacity_rows exceeds the dispatch region");
   dispatch_recv_kernel<<<num_sms, kIntranodeThreads, 0, stream>>>(a);

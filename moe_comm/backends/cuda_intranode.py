@@ -165,6 +165,8 @@ def dispatch_send(
 ) -> None:
     """Write this rank's token records into every destination's region (x ``[T, H]``, FP8 with ``x_scales``)."""
     row_bytes = row_bytes_of(x)
+    if x.data_ptr() % 16:
+        x = x.clone()
     num_scales = 0 if x_scales is None else x_scales.shape[1]
     num_topk = 0 if topk_idx is None else topk_idx.shape[1]
     record = dispatch_record_bytes(row_bytes, num_scales, num_topk)
@@ -202,6 +204,8 @@ def combine_send(
 ) -> None:
     """Return each received row ``x [N, H]`` (and its weights) to its token's rank."""
     row_bytes = row_bytes_of(x)
+    if x.data_ptr() % 16:
+        x = x.clone()
     num_topk = 0 if topk_weights is None else topk_weights.shape[1]
     record = combine_record_bytes(row_bytes, num_topk)
     _ext().combine_send(

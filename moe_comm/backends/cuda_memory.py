@@ -93,8 +93,7 @@ class SymmetricBuffer:
         # flag, rank, peer, phase (int32) then expected, observed (int64): ptx.cuh TimeoutRecord.
         self.error_record = torch.zeros(8, dtype=torch.int32).pin_memory()
         self.timeout_s = timeout_s
-        clock_khz = _ext().device_attribute(device.index or 0, "clock_rate_khz")
-        self.timeout_cycles = max(1, int(timeout_s * clock_khz * 1000))
+        self.timeout_ns = max(1, int(timeout_s * 1e9))  # the kernels measure it on the GPU's global timer
         self.epochs = {"dispatch": 0, "combine": 0}
         self.blocks_done = dict.fromkeys(_KERNELS, 0)
         self.destroyed = False
@@ -177,9 +176,9 @@ class SymmetricBuffer:
         if self.destroyed:
             raise RuntimeError(f"rank {self.rank}: the CUDA symmetric buffer was destroyed")
         base = self.blocks_done[kernel]
-        self.blocks_done[kernel] = base + num_blocks
+        self.blocks_done[kernel] = (base + num_blocks + 2**31) % 2**32 - 2**31
         return (self.peer_table.data_ptr(), self.rank, self.num_ranks, self.dispatch_region_bytes,
-                self.combine_region_bytes, epoch, base, self.timeout_cycles, self.error_record.data_ptr())
+                self.combine_region_bytes, epoch, base, self.timeout_ns, self.error_record.data_ptr())
 
     def capacity_rows(self, record_bytes: int, family: str) -> int:
         region = self.dispatch_region_bytes if family == "dispatch" else self.combine_region_bytes
@@ -188,7 +187,7 @@ class SymmetricBuffer:
     def raise_if_failed(self, op: str) -> None:
         """Raise :class:`CommTimeoutError` if a kernel recorded an expired wait or an overflow (no device sync)."""
         record = self.error_record
-        if int(record[0]) == 0:
+        if int(record[0]) != 1:
             return
         flag, rank, peer, phase = record[:4].tolist()
         expected, observed = record[4:].view(torch.int64).tolist()
