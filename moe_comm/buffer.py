@@ -392,6 +392,7 @@ class Buffer:
                     op, hidden=data.shape[1], dtype=data.dtype, num_experts=experts,
                     num_topk=-1 if idx is None else idx.shape[1], has_weights=int(weights is not None),
                     num_worst_tokens=num_worst_tokens, expert_alignment=expert_alignment, cached=0,
+                    async_finish=int(bool(async_finish)),
                 )
                 request = DispatchRequest(
                     x=data, x_scales=scales, topk_idx=idx, topk_weights=weights,

@@ -132,6 +132,7 @@ class AgreementHeader:
     expert_alignment: int = -1
     cached: int = -1
     max_tokens: int = -1
+    async_finish: int = -1
 
     _NAMES = (
         ("hidden", "x (hidden size)"),
@@ -143,6 +144,9 @@ class AgreementHeader:
         ("expert_alignment", "expert_alignment"),
         ("cached", "handle (cached dispatch or not)"),
         ("max_tokens", "num_max_dispatch_tokens_per_rank"),
+        # A dispatch that completes asynchronously cannot count experts on arrival, so it runs a count exchange
+        # that a synchronous one skips: ranks that differ here would differ in the collectives they start.
+        ("async_finish", "async_finish"),
     )
 
     def values(self, error: bool) -> list[int]:

@@ -105,12 +105,24 @@ def _disagreement(what: str):
     experts = 3 * world
     if what == "num_experts" and rank == 0:
         experts = 6 * world
-    return _outcome(lambda: buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=experts))
+    async_finish = what == "async_finish" and rank == 0
+
+    def call():
+        res = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=experts, async_finish=async_finish)
+        if res.event is not None:
+            res.event.current_stream_wait()
+
+    return _outcome(call)
 
 
 @pytest.mark.parametrize(
     "what,fragment",
-    [("hidden", "x (hidden size) differs between ranks"), ("dtype", "x (dtype) differs"), ("num_experts", "num_experts differs")],
+    [
+        ("hidden", "x (hidden size) differs between ranks"),
+        ("dtype", "x (dtype) differs"),
+        ("num_experts", "num_experts differs"),
+        ("async_finish", "async_finish differs"),
+    ],
 )
 def test_cross_rank_disagreement_raises_everywhere(pool, what, fragment):
     for kind, message in pool.run(_disagreement, what):
