@@ -309,7 +309,7 @@ class Buffer:
                 :meth:`get_dispatch_layout`; computed from ``topk_idx`` when omitted.
             num_tokens_per_rdma_rank: accepted for DeepEP compatibility; must be ``None``.
             topk_idx: ``[T, K]`` int64 global expert ids, -1 for none.
-            topk_weights: ``[T, K]`` float32.
+            topk_weights: ``[T, K]`` float32, only together with ``topk_idx``.
             expert_alignment: pad each local expert's received count up to a multiple of this.
             num_worst_tokens: when > 0, outputs have exactly this many rows (valid rows first, then padding
                 with ``recv_topk_idx == -1``) and the host never waits for the device. Every rank's T must
@@ -366,7 +366,11 @@ class Buffer:
                 if idx is not None:
                     self._check_device(idx, "topk_idx")
                 if idx is None:
-                    require(is_token_in_rank is not None, ValueError, "topk_idx: needed to compute the layout when is_token_in_rank is not given")
+                    require(
+                        is_token_in_rank is not None and num_tokens_per_rank is not None and num_tokens_per_expert is not None,
+                        ValueError,
+                        "topk_idx: needed to compute the layout unless is_token_in_rank, num_tokens_per_rank and num_tokens_per_expert are all given",
+                    )
                 if num_worst_tokens:
                     block = num_worst_tokens // self.group_size
                     require(

@@ -108,11 +108,14 @@ def check_topk(
         require(isinstance(topk_weights, torch.Tensor), TypeError, f"topk_weights: expected a torch.Tensor, got {type(topk_weights).__name__}")
         assert isinstance(topk_weights, torch.Tensor)
         require(topk_weights.dtype == torch.float32, TypeError, f"topk_weights: expected torch.float32, got {topk_weights.dtype}")
-        expected = [num_tokens, idx.shape[1]] if idx is not None else None
+        # Weights are sent for the receiver's local experts, which only topk_idx names (as in DeepEP).
+        require(idx is not None, ValueError, "topk_weights: given without topk_idx; pass both or neither")
+        assert idx is not None
+        expected = [num_tokens, idx.shape[1]]
         require(
-            topk_weights.dim() == 2 and (expected is None or list(topk_weights.shape) == expected),
+            list(topk_weights.shape) == expected,
             ValueError,
-            f"topk_weights: expected shape {expected or '[T, K]'} like topk_idx, got {list(topk_weights.shape)}",
+            f"topk_weights: expected shape {expected} like topk_idx, got {list(topk_weights.shape)}",
         )
         weights = topk_weights.contiguous()
     return idx, weights

@@ -57,6 +57,9 @@ def _local_errors():
         "x_3d": _outcome(lambda: buf.dispatch(x.unsqueeze(0), topk_idx=idx, num_experts=experts)),
         "idx_int32": _outcome(lambda: buf.dispatch(x, topk_idx=idx.int(), num_experts=experts)),
         "weights_f16": _outcome(lambda: buf.dispatch(x, topk_idx=idx, topk_weights=w.half(), num_experts=experts)),
+        "weights_without_idx": _outcome(
+            lambda: buf.dispatch(x, is_token_in_rank=buf.get_dispatch_layout(idx, experts).is_token_in_rank, topk_weights=w, num_experts=experts)
+        ),
         "experts_indivisible": _outcome(lambda: buf.dispatch(x, topk_idx=idx % world, num_experts=experts + 1)),
         "fp8_scales_shape": _outcome(lambda: buf.dispatch((data, scales[:, :0]), topk_idx=idx, num_experts=experts)),
         "fp8_scales_dtype": _outcome(lambda: buf.dispatch((data, scales.half()), topk_idx=idx, num_experts=experts)),
@@ -76,6 +79,7 @@ EXPECTED = {
     "x_3d": ("ValueError", "x: expected a 2-D"),
     "idx_int32": ("TypeError", "topk_idx: expected torch.int64"),
     "weights_f16": ("TypeError", "topk_weights: expected torch.float32"),
+    "weights_without_idx": ("ValueError", "topk_weights: given without topk_idx"),
     "experts_indivisible": ("ValueError", "num_experts:"),
     "fp8_scales_shape": ("ValueError", "x[1] (FP8 scales): expected shape"),
     "fp8_scales_dtype": ("TypeError", "x[1] (FP8 scales): expected torch.float32"),

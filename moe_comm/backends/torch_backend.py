@@ -248,14 +248,10 @@ class TorchBackend(CommBackend):
                 shifted.view(recv_topk_idx.shape).mul_(row_valid.unsqueeze(1))
             torch.sub(shifted.view(recv_topk_idx.shape), 1, out=recv_topk_idx)
         if recv_topk_weights is not None:
+            assert shifted is not None, "the Buffer accepts topk_weights only with topk_idx"
             weights = side.view(packed, "topk_weights")
-            keep = shifted.view(recv_topk_weights.shape) > 0 if shifted is not None else None
-            if keep is None and row_valid is not None:
-                keep = row_valid.unsqueeze(1)
-            if keep is not None:
-                torch.where(keep, weights, torch.zeros((), dtype=weights.dtype, device=weights.device), out=recv_topk_weights)
-            else:
-                recv_topk_weights.copy_(weights)
+            zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
+            torch.where(shifted.view(recv_topk_weights.shape) > 0, weights, zero, out=recv_topk_weights)
         return shifted
 
     def _local_expert_ids_plus_one(self, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
