@@ -80,7 +80,8 @@ class DispatchHandle:
         rank_prefix_matrix: ``[R, R]`` int32; entry ``[i, j]`` is the number of rows ranks ``0..i`` sent to rank
             ``j``. Column ``j`` gives, on rank ``j``, where each source's rows end in ``recv_x``.
         send_token_idx: ``[S]`` int64, the source token of each sent row, destination-major then token order
-            (S = ``num_tokens_per_rank.sum()``).
+            (S = ``num_tokens_per_rank.sum()``). In worst-case mode ``[T * R]``: those S entries, then -1 (S is
+            not read back to the host there).
         recv_src_idx: ``[N]`` int32, the source token index of each received row (-1 on padding rows).
         recv_src_rank: ``[N]`` int32, the source rank of each received row (-1 on padding rows).
         num_recv_tokens: N, rows of ``recv_x`` (``num_worst_tokens`` in worst-case mode, padding included).

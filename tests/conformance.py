@@ -193,6 +193,9 @@ def check_dispatch_combine(backend: str, case: Case, expert_alignment: int = 1, 
     assert torch.equal(handle.recv_src_rank.cpu().long(), exp["src_rank"])
     counts = torch.tensor(handle.recv_counts)
     assert torch.equal(handle.rank_prefix_matrix[:, rank].cpu().long(), counts.cumsum(0))
+    owner = torch.where(idx >= 0, idx // case.experts_per_rank, -1)
+    sent = [t for r in range(world) for t in range(x.shape[0]) if bool((owner[t] == r).any())]
+    assert handle.send_token_idx.cpu().tolist() == sent, f"rank {rank}: send_token_idx is not destination-major, token order"
 
     # Combine: each rank scales its rows by (rank + 1), so the sum shows which ranks contributed.
     rows = (res.recv_x.float() * (rank + 1)).to(case.dtype)
@@ -200,7 +203,6 @@ def check_dispatch_combine(backend: str, case: Case, expert_alignment: int = 1, 
     out = buf.combine(rows, handle, topk_weights=res.recv_topk_weights, bias=bias.to(dev), async_finish=async_finish)
     if async_finish:
         out.event.current_stream_wait()
-    owner = torch.where(idx >= 0, idx // case.experts_per_rank, -1)
     factor = torch.zeros(x.shape[0], dtype=torch.float64)
     for r in range(world):
         factor += (owner == r).any(dim=1).double() * (r + 1) if idx.numel() else 0
@@ -268,6 +270,10 @@ def check_worst_tokens(backend: str, case: Case) -> None:
     assert bool((res.recv_topk_idx[n:] == -1).all()) and bool((res.recv_topk_weights[n:] == 0).all())
     assert torch.equal(res.handle.recv_src_idx[:n].cpu(), exact.handle.recv_src_idx.cpu())
     assert bool((res.handle.recv_src_idx[n:] == -1).all())
+    sent = exact.handle.send_token_idx.cpu()
+    padded = res.handle.send_token_idx.cpu()
+    assert padded.shape == (x.shape[0] * world,) and torch.equal(padded[: sent.numel()], sent)
+    assert bool((padded[sent.numel() :] == -1).all())
     # Combine and cached dispatch in worst-case mode agree with exact mode.
     a = buf.combine(exact.recv_x, exact.handle, topk_weights=exact.recv_topk_weights)
     b = buf.combine(res.recv_x, res.handle, topk_weights=res.recv_topk_weights)

@@ -528,7 +528,9 @@ class TorchBackend(CommBackend):
                 is_token_in_rank=request.is_token_in_rank,
                 num_tokens_per_rank=request.num_tokens_per_rank.to(torch.int32),
                 rank_prefix_matrix=torch.full((world, world), -1, dtype=torch.int32, device=device),
-                send_token_idx=block_token_idx[block_valid],
+                send_token_idx=torch.nonzero_static(
+                    request.is_token_in_rank.t(), size=num_tokens * world, fill_value=-1
+                )[:, 1].contiguous(),
                 recv_src_idx=torch.full((rows,), -1, dtype=torch.int32, device=device),
                 recv_src_rank=torch.full((rows,), -1, dtype=torch.int32, device=device),
                 num_recv_tokens=rows,
