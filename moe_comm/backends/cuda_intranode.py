@@ -170,11 +170,12 @@ def dispatch_send(
     num_scales = 0 if x_scales is None else x_scales.shape[1]
     num_topk = 0 if topk_idx is None else topk_idx.shape[1]
     record = dispatch_record_bytes(row_bytes, num_scales, num_topk)
-    _ext().dispatch_send(
-        buf.view("dispatch_send", epoch, num_sms), _ptr(x), _ptr(x_scales), _ptr(topk_idx), _ptr(topk_weights),
-        _ptr(plan.is_token_in_rank), _ptr(plan.send_pos), plan.num_tokens_per_rank.data_ptr(), x.shape[0], row_bytes,
-        num_scales, num_topk, experts_per_rank, buf.capacity_rows(record, "dispatch"), num_sms, stream.cuda_stream,
-    )
+    with buf.launch("dispatch_send", epoch, num_sms) as view:
+        _ext().dispatch_send(
+            view, _ptr(x), _ptr(x_scales), _ptr(topk_idx), _ptr(topk_weights),
+            _ptr(plan.is_token_in_rank), _ptr(plan.send_pos), plan.num_tokens_per_rank.data_ptr(), x.shape[0], row_bytes,
+            num_scales, num_topk, experts_per_rank, buf.capacity_rows(record, "dispatch"), num_sms, stream.cuda_stream,
+        )
 
 
 def dispatch_recv(
@@ -185,12 +186,13 @@ def dispatch_recv(
     num_scales = 0 if out.recv_scales is None else out.recv_scales.shape[1]
     num_topk = 0 if out.recv_topk_idx is None else out.recv_topk_idx.shape[1]
     record = dispatch_record_bytes(row_bytes, num_scales, num_topk)
-    _ext().dispatch_recv(
-        buf.view("dispatch_recv", epoch, num_sms), _ptr(out.recv_x), _ptr(out.recv_scales), _ptr(out.recv_topk_idx),
-        _ptr(out.recv_topk_weights), _ptr(out.recv_src_idx), _ptr(out.recv_src_rank), out.recv_counts.data_ptr(),
-        plan.num_recv_rows, row_bytes, num_scales, num_topk, buf.capacity_rows(record, "dispatch"), num_sms,
-        stream.cuda_stream,
-    )
+    with buf.launch("dispatch_recv", epoch, num_sms) as view:
+        _ext().dispatch_recv(
+            view, _ptr(out.recv_x), _ptr(out.recv_scales), _ptr(out.recv_topk_idx),
+            _ptr(out.recv_topk_weights), _ptr(out.recv_src_idx), _ptr(out.recv_src_rank), out.recv_counts.data_ptr(),
+            plan.num_recv_rows, row_bytes, num_scales, num_topk, buf.capacity_rows(record, "dispatch"), num_sms,
+            stream.cuda_stream,
+        )
 
 
 def combine_send(
@@ -208,10 +210,11 @@ def combine_send(
         x = x.clone()
     num_topk = 0 if topk_weights is None else topk_weights.shape[1]
     record = combine_record_bytes(row_bytes, num_topk)
-    _ext().combine_send(
-        buf.view("combine_send", epoch, num_sms), _ptr(x), _ptr(topk_weights), plan.recv_counts.data_ptr(), row_bytes,
-        num_topk, buf.capacity_rows(record, "combine"), num_sms, stream.cuda_stream,
-    )
+    with buf.launch("combine_send", epoch, num_sms) as view:
+        _ext().combine_send(
+            view, _ptr(x), _ptr(topk_weights), plan.recv_counts.data_ptr(), row_bytes,
+            num_topk, buf.capacity_rows(record, "combine"), num_sms, stream.cuda_stream,
+        )
 
 
 def combine_recv(
@@ -229,11 +232,12 @@ def combine_recv(
     row_bytes = row_bytes_of(out)
     num_topk = 0 if out_weights is None else out_weights.shape[1]
     record = combine_record_bytes(row_bytes, num_topk)
-    _ext().combine_recv(
-        buf.view("combine_recv", epoch, num_sms), _ptr(plan.is_token_in_rank), _ptr(plan.send_pos), _ptr(bias[0]),
-        _ptr(bias[1]), _ptr(out), _ptr(out_weights), out.shape[0], out.shape[1], num_topk,
-        buf.capacity_rows(record, "combine"), dtype_code(out.dtype), num_sms, stream.cuda_stream,
-    )
+    with buf.launch("combine_recv", epoch, num_sms) as view:
+        _ext().combine_recv(
+            view, _ptr(plan.is_token_in_rank), _ptr(plan.send_pos), _ptr(bias[0]),
+            _ptr(bias[1]), _ptr(out), _ptr(out_weights), out.shape[0], out.shape[1], num_topk,
+            buf.capacity_rows(record, "combine"), dtype_code(out.dtype), num_sms, stream.cuda_stream,
+        )
 
 
 def per_token_cast_fp8(x: torch.Tensor, num_sms: int = 132) -> tuple[torch.Tensor, torch.Tensor]:

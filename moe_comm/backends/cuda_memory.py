@@ -18,7 +18,9 @@ the rank, the peer, the phase and the counters.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -179,6 +181,19 @@ class SymmetricBuffer:
         self.blocks_done[kernel] = (base + num_blocks + 2**31) % 2**32 - 2**31
         return (self.peer_table.data_ptr(), self.rank, self.num_ranks, self.dispatch_region_bytes,
                 self.combine_region_bytes, epoch, base, self.timeout_ns, self.error_record.data_ptr())
+
+    @contextlib.contextmanager
+    def launch(self, kernel: str, epoch: int, num_blocks: int) -> Iterator[tuple]:
+        """:meth:`view` for a launch made in the body; if the body raises (the launcher rejected its
+        arguments, so no block ran), the finished-block counter is put back, or every later launch of
+        ``kernel`` would wait for a last block that never comes."""
+        base = self.blocks_done[kernel]
+        view = self.view(kernel, epoch, num_blocks)
+        try:
+            yield view
+        except BaseException:
+            self.blocks_done[kernel] = base
+            raise
 
     def capacity_rows(self, record_bytes: int, family: str) -> int:
         region = self.dispatch_region_bytes if family == "dispatch" else self.combine_region_bytes
