@@ -100,13 +100,24 @@ __device__ __forceinline__ bool last_block_to_finish(int* counter, int base) {
   return last;
 }
 
-// A warp copies `bytes` (a multiple of 16, both pointers 16-byte aligned) from src to dst.
-// Plain (coherent) loads on purpose: src may be a region another GPU just wrote.
+// A warp copies `bytes` (a multiple of 16, both pointers 16-byte aligned, not overlapping) from src to dst.
+// Plain (coherent) loads on purpose: src may be a region another GPU just wrote. Each lane issues
+// kCopyUnroll loads before their stores, so a warp has that many 512-byte transactions in flight instead of
+// waiting out one memory latency per 512 bytes.
+constexpr int kCopyUnroll = 4;
 __device__ __forceinline__ void warp_copy16(void* dst, const void* src, size_t bytes, int lane) {
-  const int4* s = static_cast<const int4*>(src);
-  int4* d = static_cast<int4*>(dst);
+  const int4* __restrict__ s = static_cast<const int4*>(src);
+  int4* __restrict__ d = static_cast<int4*>(dst);
   const size_t n = bytes / 16;
-  for (size_t i = lane; i < n; i += 32) d[i] = s[i];
+  size_t i = lane;
+  for (; i + 32 * (kCopyUnroll - 1) < n; i += 32 * kCopyUnroll) {
+    int4 v[kCopyUnroll];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) v[u] = s[i + 32 * u];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) d[i + 32 * u] = v[u];
+  }
+  for (; i < n; i += 32) d[i] = s[i];
 }
 #endif  // __CUDACC__
 

@@ -1,17 +1,27 @@
 #include <algorithm>
 #include "../include/api.cuh"
 #include "../include/exception.cuh"
+#include "../include/ptx.cuh"
 
 namespace moe_comm {
 namespace {
 
-// 16-byte vectorised grid-stride copy; tail handled bytewise.
+// 16-byte vectorised grid-stride copy, kCopyUnroll loads in flight per thread like the intranode kernels'
+// warp_copy16 (so the baseline is as good a copy as theirs); tail handled bytewise.
 __global__ void sm_copy_kernel(uint8_t* __restrict__ dst, const uint8_t* __restrict__ src, size_t bytes) {
   const size_t n16 = bytes / 16;
-  const int4* s = reinterpret_cast<const int4*>(src);
-  int4* d = reinterpret_cast<int4*>(dst);
+  const int4* __restrict__ s = reinterpret_cast<const int4*>(src);
+  int4* __restrict__ d = reinterpret_cast<int4*>(dst);
   const size_t stride = size_t(gridDim.x) * blockDim.x;
-  for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n16; i += stride) d[i] = s[i];
+  size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (; i + stride * (kCopyUnroll - 1) < n16; i += stride * kCopyUnroll) {
+    int4 v[kCopyUnroll];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) v[u] = s[i + stride * u];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) d[i + stride * u] = v[u];
+  }
+  for (; i < n16; i += stride) d[i] = s[i];
   for (size_t i = n16 * 16 + size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < bytes; i += stride) dst[i] = src[i];
 }
 
