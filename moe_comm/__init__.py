@@ -9,7 +9,7 @@ Entry points: :class:`Buffer` (dispatch/combine), :func:`all_to_all_single` (dro
 from moe_comm.alltoall import all_to_all_single
 from moe_comm.backends.registry import available_backends
 from moe_comm.buffer import Buffer
-from moe_comm.errors import CommTimeoutError, PeerArgumentError
+from moe_comm.errors import BufferCapacityError, CommTimeoutError, PeerArgumentError
 from moe_comm.events import EventOverlap
 from moe_comm.nn import ExpertParallelMoE, GroupedExperts
 from moe_comm.types import (
@@ -32,6 +32,7 @@ __all__ = [
     "available_backends",
     "ExpertParallelMoE",
     "GroupedExperts",
+    "BufferCapacityError",
     "CommTimeoutError",
     "PeerArgumentError",
     "EventOverlap",

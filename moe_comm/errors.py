@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CommTimeoutError", "PeerArgumentError"]
+__all__ = ["BufferCapacityError", "CommTimeoutError", "PeerArgumentError"]
 
 
 class CommTimeoutError(TimeoutError):
@@ -26,3 +26,20 @@ class PeerArgumentError(ValueError):
 
     The message quotes the other rank's error. Raised on every rank that was itself fine.
     """
+
+
+class BufferCapacityError(RuntimeError):
+    """A kernel found more rows than the receive region it writes into holds (a sizing bug, not a timeout).
+
+    The message names the rank, the operation, the peer, the position or count and the capacity. The
+    buffers are inconsistent afterwards: destroy the :class:`moe_comm.Buffer`.
+    """
+
+    def __init__(self, rank: int, op: str, peer: int, observed: int, capacity: int) -> None:
+        self.rank = rank
+        self.op = op
+        self.peer = peer
+        super().__init__(
+            f"rank {rank}: {op} overflowed a receive region (peer {peer}): position or count {observed} >= capacity "
+            f"{capacity} rows; the CUDA symmetric buffer is now inconsistent: destroy the Buffer"
+        )

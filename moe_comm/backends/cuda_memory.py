@@ -12,7 +12,7 @@ epochs and each kernel's finished-block counter here, identically on every rank.
 
 Errors: each buffer has a host-mapped :data:`TimeoutRecord` the kernels fill when a bounded wait expires or a
 capacity check fails; :meth:`SymmetricBuffer.raise_if_failed` turns it into a :class:`CommTimeoutError` naming
-the rank, the peer, the phase and the counters.
+the rank, the peer, the phase and the counters (a :class:`BufferCapacityError` for an overflow).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from moe_comm.collectives import StepContext, all_gather_rows, wait_all
-from moe_comm.errors import CommTimeoutError
+from moe_comm.errors import BufferCapacityError, CommTimeoutError
 
 __all__ = ["SymmetricBuffer", "REGION_ALIGN"]
 
@@ -200,7 +200,8 @@ class SymmetricBuffer:
         return region // record_bytes
 
     def raise_if_failed(self, op: str) -> None:
-        """Raise :class:`CommTimeoutError` if a kernel recorded an expired wait or an overflow (no device sync)."""
+        """Raise :class:`CommTimeoutError` if a kernel recorded an expired wait, :class:`BufferCapacityError` if it
+        recorded an overflow (no device sync)."""
         record = self.error_record
         if int(record[0]) != 1:
             return
@@ -209,9 +210,8 @@ class SymmetricBuffer:
         names = {v: k for k, v in _ext().PHASES.items()}
         phase_name = names.get(phase, f"phase {phase}")
         if phase_name == "overflow":
-            step = f"capacity check (peer {peer}): position or count {observed} >= capacity {expected}"
-        else:
-            step = f"{phase_name.replace('_', ' ')} flag of peer rank {peer} (expected >= {expected}, observed {observed})"
+            raise BufferCapacityError(rank, op, peer, observed, expected)
+        step = f"{phase_name.replace('_', ' ')} flag of peer rank {peer} (expected >= {expected}, observed {observed})"
         raise CommTimeoutError(rank, op, step, self.timeout_s,
                                "the CUDA symmetric buffer is now inconsistent: destroy the Buffer")
 

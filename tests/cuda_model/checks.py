@@ -1,0 +1,283 @@
+"""Rank bodies of tests/test_cuda_model.py, run in the ranks of a RankPool on the kernel model.
+
+Every body is reached through :func:`on_model`, which installs the model in the rank process first (once;
+a restarted pool installs it again). Besides the shared conformance checks (tests/conformance.py, run with
+``backend="cudasim"``), this module compares the model-backed ``cuda`` backend bitwise with the portable
+``torch`` backend, checks the stream ordering of every synchronous operation, the wrap of the finished-block
+counters, and, with a planted fault, that the checks see what the model computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe_comm import Buffer
+from moe_comm.backends.cuda import extension
+from moe_comm.errors import BufferCapacityError, CommTimeoutError
+from moe_comm.fp8 import per_token_cast_to_fp8
+from tests.conformance import Case, make_inputs
+from tests.cuda_model.install import MODEL_BACKEND, ModelConfig, install, launcher_replaced, stream_tracker
+from tests.cuda_model.kernels import KERNEL_IDS, raw
+
+
+def on_model(config: ModelConfig, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Install the kernel model in this rank (idempotent), then run ``fn(*args, **kwargs)``."""
+    install(config)
+    return fn(*args, **kwargs)
+
+
+def _assert_same(got: torch.Tensor | None, want: torch.Tensor | None, what: str) -> None:
+    """Equal shape, dtype and bytes (floats compared bit by bit)."""
+    if got is None or want is None:
+        assert got is None and want is None, f"{what}: one side is None"
+        return
+    got, want = got.cpu().contiguous(), want.cpu().contiguous()
+    assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.dtype} {list(got.shape)} vs {want.dtype} {list(want.shape)}"
+    if got.is_floating_point():
+        got, want = got.view(torch.uint8), want.view(torch.uint8)
+    assert torch.equal(got, want), f"{what}: differs from the torch backend"
+
+
+# ----------------------------------------------------------------------------------------------------
+# bitwise against the portable backend
+
+
+def check_vs_torch(case: Case, worst: bool = False, fp8: bool = False, bias: bool = True, weights: bool = True,
+                   alignment: int = 1, async_finish: bool = False) -> None:
+    """Dispatch, combine (with both biases or none), cached dispatch and a second combine: every output and the
+    handle of the ``cudasim`` backend equal the ``torch`` backend's bit for bit (worst-case mode: the valid
+    rows equal, the padding rows zero)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, idx, w = make_inputs(case, rank, world)
+    num_experts = case.experts_per_rank * world
+    data = per_token_cast_to_fp8(x) if fp8 else x
+    outputs: dict[str, dict[str, torch.Tensor | None]] = {}
+    for backend in ("torch", MODEL_BACKEND):
+        with Buffer(backend=backend) as buf:
+            res = buf.dispatch(data, topk_idx=idx, topk_weights=w if weights else None, num_experts=num_experts,
+                               expert_alignment=alignment, async_finish=async_finish,
+                               num_worst_tokens=(case.tokens + 2) * world if worst else 0)
+            if async_finish:
+                res.event.current_stream_wait()
+            recv_x, recv_scales = res.recv_x if fp8 else (res.recv_x, None)
+            rows = recv_x.float() if recv_scales is None else recv_x.float() * recv_scales.repeat_interleave(128, dim=-1)[..., : case.hidden]
+            y = (rows * (rank + 1)).to(case.dtype)
+            biases = (None, None)
+            if bias:
+                biases = (torch.randn(x.shape, generator=torch.Generator().manual_seed(rank)).to(case.dtype),
+                          torch.randn(x.shape, generator=torch.Generator().manual_seed(rank + 50)))
+            combined = buf.combine(y, res.handle, topk_weights=res.recv_topk_weights, bias=biases, async_finish=async_finish)
+            if async_finish:
+                combined.event.current_stream_wait()
+            cached = buf.dispatch(data, handle=res.handle)
+            unweighted = buf.combine(y, res.handle)
+            handle = res.handle
+            outputs[backend] = {
+                "recv_x": recv_x, "recv_scales": recv_scales, "recv_topk_idx": res.recv_topk_idx,
+                "recv_topk_weights": res.recv_topk_weights,
+                "num_recv_tokens_per_expert": torch.tensor(res.num_recv_tokens_per_expert_list, dtype=torch.int64),
+                "recv_src_idx": handle.recv_src_idx, "recv_src_rank": handle.recv_src_rank,
+                "rank_prefix_matrix": handle.rank_prefix_matrix, "send_token_idx": handle.send_token_idx,
+                "num_recv_tokens": torch.tensor(handle.num_recv_tokens),
+                "combined_x": combined.combined_x, "combined_topk_weights": combined.combined_topk_weights,
+                "cached_recv_x": cached.recv_x[0] if fp8 else cached.recv_x, "unweighted_combined_x": unweighted.combined_x,
+            }
+    valid = int((outputs["torch"]["recv_src_idx"] >= 0).sum())
+    for key, want in outputs["torch"].items():
+        got = outputs[MODEL_BACKEND][key]
+        if worst and key in ("recv_x", "recv_scales", "cached_recv_x") and got is not None:
+            padding = got[valid:]
+            assert not bool(padding.float().abs().sum()), f"rank {rank} {key}: padding rows are not zero"
+            got, want = got[:valid], want[:valid]
+        _assert_same(got, want, f"rank {rank} {key} ({case}, worst={worst}, fp8={fp8})")
+
+
+def check_low_latency_vs_torch(case: Case, use_fp8: bool, hook: bool) -> None:
+    """Two low-latency dispatch + weighted combine rounds: counts, layout ranges, sources and received rows equal
+    the ``torch`` backend's bitwise; the combined rows agree to bf16 rounding (the backends sum in different
+    orders)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, idx, w = make_inputs(case, rank, world)
+    num_experts = case.experts_per_rank * world
+    results: dict[str, dict[str, torch.Tensor | None]] = {}
+    for backend in ("torch", MODEL_BACKEND):
+        with Buffer(backend=backend) as buf:
+            for _ in range(2):
+                res = buf.low_latency_dispatch(x.bfloat16(), idx, case.tokens + 4, num_experts, use_fp8=use_fp8, return_recv_hook=hook)
+                if hook:
+                    res.hook()
+                data, scales = res.recv_x if use_fp8 else (res.recv_x, None)
+                rows = data.float() if scales is None else data.float() * scales.repeat_interleave(128, dim=-1)[..., : case.hidden]
+                factors = (torch.arange(case.experts_per_rank) + rank * case.experts_per_rank + 1).float().view(-1, 1, 1)
+                out = buf.low_latency_combine((rows * factors).bfloat16(), idx, w, res.handle, return_recv_hook=hook)
+                if hook:
+                    out.hook()
+            counts = res.recv_count.tolist()
+
+            def valid(t: torch.Tensor, counts: list[int] = counts) -> torch.Tensor:
+                return torch.cat([t[e, :n] for e, n in enumerate(counts)])
+
+            results[backend] = {
+                "recv_count": res.recv_count, "layout_range": res.handle.layout_range,
+                "src_rank": valid(res.handle.src_rank), "src_token_idx": valid(res.handle.src_token_idx),
+                "rows": valid(data), "scales": None if scales is None else valid(scales), "combined": out.combined_x,
+            }
+    for key, want in results["torch"].items():
+        got = results[MODEL_BACKEND][key]
+        if key == "combined":
+            assert got is not None and want is not None
+            diff = (got.double() - want.double()).abs().max() if got.numel() else 0.0
+            assert torch.allclose(got.double(), want.double(), rtol=1e-2, atol=1e-2), f"rank {rank} low-latency combine off by {diff}"
+        else:
+            _assert_same(got, want, f"rank {rank} low-latency {key}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# protocol
+
+
+def check_stream_order(case: Case) -> None:
+    """After every operation that completes before returning, the caller's stream is ordered after every
+    kernel the operation launched (on any stream); and every launch is ordered after the caller's work
+    before the call (its inputs)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, idx, w = make_inputs(case, rank, world)
+    num_experts, max_tokens = case.experts_per_rank * world, case.tokens + 4
+    tracker = stream_tracker()
+    caller = tracker.current()
+
+    def completes(what: str, op: Callable[[], Any]) -> Any:
+        inputs = tracker.record_launch(f"caller's writes before {what}", caller.cuda_stream)
+        first = len(tracker.launches)
+        result = op()
+        launched = tracker.launches[first:]
+        assert launched, f"{what}: launched no kernel"
+        early = [launch for launch in launched if launch.ordered_after.get(caller.cuda_stream, 0) < inputs.index]
+        assert not early, f"rank {rank} {what}: launched before the caller's stream reached the call: {early}"
+        unseen = tracker.unseen_by(caller)
+        assert not unseen, f"rank {rank} {what}: the caller's stream is not ordered after {unseen}"
+        return result
+
+    def waited(result: Any) -> Any:
+        result.event.current_stream_wait()
+        return result
+
+    def hooked(result: Any) -> Any:
+        result.hook()
+        return result
+
+    with Buffer(backend=MODEL_BACKEND) as buf:
+        completes("get_dispatch_layout", lambda: buf.get_dispatch_layout(idx, num_experts))
+        res = completes("dispatch", lambda: buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts))
+        completes("dispatch (num_worst_tokens)", lambda: buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts,
+                                                                   num_worst_tokens=(case.tokens + 2) * world))
+        completes("cached dispatch", lambda: buf.dispatch(x, handle=res.handle))
+        completes("combine", lambda: buf.combine(res.recv_x, res.handle, topk_weights=res.recv_topk_weights))
+        completes("dispatch (async_finish) + current_stream_wait",
+                  lambda: waited(buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts, async_finish=True)))
+        completes("combine (async_finish) + current_stream_wait", lambda: waited(buf.combine(res.recv_x, res.handle, async_finish=True)))
+        for use_fp8 in (False, True):
+            ll = completes(f"low_latency_dispatch (use_fp8={use_fp8})",
+                           functools.partial(buf.low_latency_dispatch, x, idx, max_tokens, num_experts, use_fp8=use_fp8))
+            expert_rows = (ll.recv_x[0].float() if use_fp8 else ll.recv_x).bfloat16()
+            completes("low_latency_combine", functools.partial(buf.low_latency_combine, expert_rows, idx, w, ll.handle))
+        ll = completes("low_latency_dispatch + hook",
+                       lambda: hooked(buf.low_latency_dispatch(x, idx, max_tokens, num_experts, use_fp8=False, return_recv_hook=True)))
+        completes("low_latency_combine + hook", lambda: hooked(buf.low_latency_combine(ll.recv_x, idx, w, ll.handle, return_recv_hook=True)))
+
+
+def check_block_counters_wrap(case: Case, rounds: int = 3) -> None:
+    """Start every kernel's finished-block counter (host base and device slot alike) just below 2^31, so the
+    next launches cross the int32 boundary: every round still equals the first (the model asserts that the
+    device counter equals the host's base at every launch)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, idx, w = make_inputs(case, rank, world)
+    num_experts = case.experts_per_rank * world
+    with Buffer(backend=MODEL_BACKEND) as buf:
+        outputs = []
+        for round_ in range(rounds):
+            res = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts)
+            out = buf.combine(res.recv_x, res.handle, topk_weights=res.recv_topk_weights)
+            outputs.append((res.recv_x, out.combined_x, out.combined_topk_weights))
+            if round_ == 0:
+                mem = buf.backend._mem
+                assert mem is not None
+                ext = extension()
+                counters = raw(mem.base, ext.HEADER_BYTES // 4, torch.int32)[ext.HEADER_SLOTS["blocks_done"]:]
+                start = 2**31 - buf.num_sms - 1  # the second launch from here crosses 2^31
+                for kernel, kernel_id in KERNEL_IDS.items():
+                    mem.blocks_done[kernel] = start
+                    counters[kernel_id] = start
+        for later in outputs[1:]:
+            for a, b in zip(outputs[0], later, strict=True):
+                _assert_same(b, a, f"rank {rank} after the block counters wrapped")
+
+
+def check_missing_sender_times_out(case: Case, timeout_s: float = 1.0) -> None:
+    """The last rank's dispatch_send never runs: every rank's receive waits for its flag until ``timeout_s``,
+    the error record names that rank and the dispatch raises CommTimeoutError instead of hanging."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    missing = world - 1
+    x, idx, w = make_inputs(case, rank, world)
+    buf = Buffer(backend=MODEL_BACKEND, timeout_s=timeout_s)  # left undestroyed: its buffers are inconsistent now
+    skip_send = launcher_replaced("dispatch_send", lambda send: lambda *args: None) if rank == missing else contextlib.nullcontext()
+    with skip_send:
+        try:
+            buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=case.experts_per_rank * world)
+        except CommTimeoutError as exc:
+            message = str(exc)
+        else:
+            raise AssertionError(f"rank {rank}: the dispatch completed without rank {missing}'s send")
+    assert f"dispatch arrive flag of peer rank {missing} (expected >= 1, observed 0)" in message, message
+
+
+# ----------------------------------------------------------------------------------------------------
+# the model is live: a planted fault must make the conformance checks fail
+
+
+def _recv_src_rank_off_by_one(dispatch_recv: Callable[..., None]) -> Callable[..., None]:
+    """dispatch_recv as modelled, then every written ``recv_src_rank`` plus one."""
+
+    def faulty(*args: Any) -> None:
+        dispatch_recv(*args)
+        recv_src_rank, recv_counts, max_rows, num_ranks = args[6], args[7], args[8], args[0][2]
+        rows = min(int(raw(recv_counts, num_ranks, torch.int32).sum()), max_rows)
+        if recv_src_rank:
+            raw(recv_src_rank, rows, torch.int32).add_(1)
+
+    return faulty
+
+
+def _no_dispatch_capacity(dispatch_send: Callable[..., None]) -> Callable[..., None]:
+    """The host passes ``capacity_rows = 0`` to dispatch_send (a wrong launcher argument)."""
+
+    def faulty(*args: Any) -> None:
+        dispatch_send(*args[:13], 0, *args[14:])
+
+    return faulty
+
+
+FAULTS = {
+    "recv_src_rank_off_by_one": ("dispatch_recv", _recv_src_rank_off_by_one),
+    "dispatch_capacity_zero": ("dispatch_send", _no_dispatch_capacity),
+}
+
+
+def failure_under_fault(fault: str, check: Callable[..., None], *args: Any, **kwargs: Any) -> str | None:
+    """Run ``check(*args, **kwargs)`` with ``fault`` planted in the model; the failure it raised, or None."""
+    name, replace = FAULTS[fault]
+    with launcher_replaced(name, replace):
+        try:
+            check(*args, **kwargs)
+        except (AssertionError, BufferCapacityError, CommTimeoutError) as exc:
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            return f"{type(exc).__name__} at {os.path.basename(where.filename)}:{where.lineno}: {str(exc)[:200]}"
+    return None

@@ -1,0 +1,128 @@
+"""The ``cuda`` backend's host code on CPU ranks, against a Python model of its kernels (tests/cuda_model).
+
+Each rank is a process of a RankPool (gloo); the model is installed inside the rank processes only, never
+in this one. The real host code (Buffer, CudaBackend, SymmetricBuffer, the launch wrappers) runs unchanged
+against sequential transcriptions of the kernels, over symmetric buffers shared between the rank processes,
+and every launcher's arguments pass through the real extension's checks. Checked here: the conformance
+suite (tests/conformance.py) with ``backend="cudasim"``, bitwise agreement with the ``torch`` backend, the
+stream ordering of every synchronous operation, the wrap of the finished-block counters, and that planted
+faults fail the checks. Not checked (no CUDA code runs): memory ordering, concurrency, performance, and the
+kernels' compiled arithmetic; scripts/gpu_check.sh covers those on a GPU. Skipped when ``moe_comm._C`` was
+not built, and where a CUDA device is usable (tests/gpu runs the real kernels there).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+try:
+    importlib.import_module("moe_comm._C")
+except ImportError as exc:
+    pytest.skip(f"moe_comm._C is not built (no nvcc at install time): {exc}", allow_module_level=True)
+if torch.cuda.is_available():
+    pytest.skip("a CUDA device is usable: tests/gpu runs the real kernels (the model would launch them on host pointers)",
+                allow_module_level=True)
+
+from moe_comm.launch import RankPool  # noqa: E402
+from tests import conformance  # noqa: E402
+from tests.conformance import ROUTINGS, Case, conformance_tests  # noqa: E402
+from tests.cuda_model import checks, install  # noqa: E402
+
+WORLD_SIZES = (1, 2, 3, 4)
+
+
+class ModelPool:
+    """A RankPool whose every run first installs the kernel model in the ranks (:func:`checks.on_model`)."""
+
+    def __init__(self, ranks: RankPool, config: install.ModelConfig) -> None:
+        self.ranks = ranks
+        self.config = config
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None, **kwargs: Any) -> list[Any]:
+        return self.ranks.run(checks.on_model, self.config, fn, *args, timeout_s=timeout_s, **kwargs)
+
+
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"ranks{n}" for n in WORLD_SIZES])
+def pool(request: pytest.FixtureRequest) -> Iterator[ModelPool]:
+    memory_dir = tempfile.mkdtemp(prefix="moe_comm_model_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        with RankPool(request.param, default_timeout_s=120.0) as ranks:
+            yield ModelPool(ranks, install.ModelConfig(memory_dir))
+    finally:
+        shutil.rmtree(memory_dir, ignore_errors=True)
+
+
+# The shared conformance suite, on the model-backed cuda backend.
+globals().update(conformance_tests(install.MODEL_BACKEND))
+
+
+# ----------------------------------------------------------------------------------------------------
+# bitwise against the torch backend
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_matches_torch_backend(pool, routing, dtype):
+    pool.run(checks.check_vs_torch, Case(routing=routing, seed=11, dtype=dtype))
+
+
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_worst_case_matches_torch_backend(pool, routing):
+    pool.run(checks.check_vs_torch, Case(routing=routing, seed=12), worst=True)
+
+
+@pytest.mark.parametrize("worst", [False, True], ids=["exact", "worst"])
+@pytest.mark.parametrize("routing", ROUTINGS)
+def test_fp8_matches_torch_backend(pool, routing, worst):
+    pool.run(checks.check_vs_torch, Case(routing=routing, seed=13, hidden=384), fp8=True, worst=worst)
+
+
+def test_unweighted_aligned_async_matches_torch_backend(pool):
+    pool.run(checks.check_vs_torch, Case(seed=15), weights=False, bias=False, alignment=4, async_finish=True)
+
+
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("hook", [False, True], ids=["direct", "hook"])
+def test_low_latency_matches_torch_backend(pool, use_fp8, hook):
+    pool.run(checks.check_low_latency_vs_torch, Case(routing="masked", seed=16, hidden=256), use_fp8, hook)
+
+
+# ----------------------------------------------------------------------------------------------------
+# protocol
+
+
+def test_caller_stream_waits_for_every_launch(pool):
+    pool.run(checks.check_stream_order, Case(routing="zipf", seed=17))
+
+
+def test_block_counters_wrap_past_int32(pool):
+    pool.run(checks.check_block_counters_wrap, Case(seed=18))
+
+
+def test_missing_sender_times_out_naming_it(pool):
+    pool.run(checks.check_missing_sender_times_out, Case(seed=20))
+
+
+@pytest.mark.parametrize("fault", sorted(checks.FAULTS))
+def test_planted_fault_fails_conformance(pool, fault):
+    failures = pool.run(checks.failure_under_fault, fault, conformance.check_dispatch_combine, install.MODEL_BACKEND,
+                        Case(seed=19))
+    assert all(failures), f"{fault}: the conformance check passed on ranks {[r for r, f in enumerate(failures) if not f]}"
+
+
+def test_runner_process_is_untouched(pool):
+    """The model lives in the rank processes only: this process still has the real extension and torch.cuda."""
+    assert not install.installed()
+    extension = sys.modules.get("moe_comm._C")
+    assert extension is None or getattr(extension, "__file__", None), "moe_comm._C was replaced in the test runner"
+    for patched in (torch.cuda.is_available, torch.cuda.current_stream, torch.cuda.stream, torch.Tensor.pin_memory):
+        assert not getattr(patched, "__module__", "").startswith("tests."), f"{patched} is patched in the test runner"
