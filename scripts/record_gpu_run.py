@@ -3,7 +3,7 @@
 Usage: python scripts/record_gpu_run.py OUTDIR DEVICE_NAME [--commit SHA]
 
 Writes ``benchmarks/results/gpu-check-<device>-<yyyymmdd>.json`` (step exit codes, test counts from the
-JUnit XML, the CUDA bench records verbatim) and prints a draft entry for ``docs/gpu-log.md`` with the
+JUnit XML, the CUDA and portable bench records verbatim) and prints a draft entry for ``docs/gpu-log.md`` with the
 figures filled in, for a person to check and paste. Nothing here edits benchmark numbers.
 """
 
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = args.commit or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     bench = json.loads((out / "bench_cuda.json").read_text()) if (out / "bench_cuda.json").exists() else {}
+    portable = json.loads((out / "bench_portable.json").read_text()) if (out / "bench_portable.json").exists() else {}
     today = datetime.date.today()
     record = {
         "device": args.device,
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "tests_kernels": junit_counts(out / "junit.xml"),
         "tests_log_summary": tail_counts(out / "tests.log"),
         "bench": bench,
+        "bench_portable": portable,
     }
     slug = "".join(c if c.isalnum() else "-" for c in args.device.lower()).strip("-")
     dest = ROOT / "benchmarks" / "results" / f"gpu-check-{slug}-{today:%Y%m%d}.json"
@@ -75,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             frac = r.get("fraction_of_copy", r.get("kept_fraction"))
             lines.append(f"- {r['op']} ({r.get('num_sms')} SMs): {r['time_s_median'] * 1e3:.3f} ms, "
                          f"{'' if frac is None else f'{frac:.3f} '}({r.get('target')}: {'met' if r.get('target_met') else 'missed'})")
+    for r in portable.get("results", []):
+        lines.append(f"- portable {r['op']} ({r.get('transport')}, {r.get('world_size')} ranks on the host): "
+                     f"{r['time_s_median'] * 1e3:.1f} ms, {r['ratio_to_baseline']:.2f} x its raw all-to-all")
     lines.append(f"Records: `{dest.relative_to(ROOT)}`.")
     print("\n".join(lines))
     return 0
