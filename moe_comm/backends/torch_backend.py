@@ -34,6 +34,7 @@ C worst-case block rows, M max tokens per rank (low-latency).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -86,6 +87,22 @@ def _sum_weights(back_w: torch.Tensor, pieces: Sequence[tuple[torch.Tensor, int,
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.cache
+def _bags_round_once_to_nearest_even(dtype: torch.dtype) -> bool:
+    """Whether ``embedding_bag(..., padding_idx=...)`` on a CPU table of ``dtype`` sums in float32 and rounds
+    once to nearest even, as a cast does.
+
+    Without ``padding_idx`` PyTorch hands bf16/fp16 bags to fbgemm, which rounds exact ties away from zero
+    (8% of the elements of a sum of bf16 rows); with it, ATen's own kernel does the float32 sum. That is an
+    implementation detail, so it is probed once on a tie: 1 + 2^-8 lies halfway between two bf16 (and, with
+    2^-11, two fp16) values, and the even one is 1.
+    """
+    half_ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    table = torch.tensor([[1.0], [half_ulp], [0.0]], dtype=dtype)
+    total = torch.nn.functional.embedding_bag(torch.tensor([0, 1]), table, torch.tensor([0]), mode="sum", padding_idx=2)
+    return bool(total.item() == 1.0)
 
 
 def gather_count_matrix(ctx: StepContext, row: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -596,8 +613,9 @@ class TorchBackend(CommBackend):
         assert handle.send_counts is not None and handle.recv_counts is not None
         send_counts, recv_counts = handle.send_counts, handle.recv_counts
         num_sent = sum(send_counts)
-        back_x = self._scratch.take((num_sent, x.shape[1]), x.dtype, device)
-        works = [all_to_all_rows(ctx, back_x, x, send_counts, recv_counts)]
+        # One spare row after the received ones: the padding row of the CPU reduction's bags (never read).
+        back_x = self._scratch.take((num_sent + 1, x.shape[1]), x.dtype, device)
+        works = [all_to_all_rows(ctx, back_x[:num_sent], x, send_counts, recv_counts)]
         back_w = None
         if request.topk_weights is not None:
             back_w = torch.empty(num_sent, request.topk_weights.shape[1], dtype=torch.float32, device=device)
@@ -627,7 +645,10 @@ class TorchBackend(CommBackend):
         rank order, then bias, then the second bias) from the first element on, and the block is rounded
         once into the output. The sums, their order and the rounding are those of
         :meth:`_reduce_at_source` (``0 + row_0 + row_1 + ... + bias``): the results are bitwise the same,
-        at about twice the speed of staging the rows and adding them with elementwise ops.
+        at about twice the speed of staging the rows and adding them with elementwise ops. Without biases
+        the bags index the received rows directly (no upcast copy; half the time again).
+
+        ``back_x`` holds one spare row after the received ones.
         """
         handle, x = request.handle, request.x
         num_tokens, hidden, world = handle.num_tokens, x.shape[1], self._world
@@ -656,6 +677,27 @@ class TorchBackend(CommBackend):
         if back_w is not None:
             combined_w = torch.empty(num_tokens, back_w.shape[1], dtype=torch.float32, device=device)
 
+        # Without biases every bag element is a received row: the bags can index back_x itself and skip the
+        # upcast copy, where embedding_bag sums in float32 and rounds once to nearest even on its own.
+        reduced = x.dtype in (torch.bfloat16, torch.float16)
+        direct = not biases and (not reduced or _bags_round_once_to_nearest_even(x.dtype))
+
+        def finish_direct() -> None:
+            wait_all(ctx, works, step)
+            # back_x ends in a spare row no bag names: as padding_idx it keeps bf16/fp16 bags off fbgemm.
+            padding = {"padding_idx": back_x.shape[0] - 1} if reduced else {}
+            for i, lo in enumerate(starts):
+                hi = min(lo + block, num_tokens)
+                e0, e1 = element_bounds[i], element_bounds[i + 1]
+                if e1 == e0:
+                    combined[lo:hi].zero_()
+                    continue
+                offsets = torch.cat([bag_end.new_zeros(1), bag_end[lo : hi - 1] - e0])
+                combined[lo:hi].copy_(torch.nn.functional.embedding_bag(element_row[e0:e1], back_x, offsets, mode="sum", **padding))
+            if combined_w is not None and back_w is not None:
+                combined_w.copy_(_sum_weights(back_w, pieces, num_tokens))
+            self._scratch.give(back_x)
+
         def finish() -> None:
             wait_all(ctx, works, step)
             sources = [back_x] * world + biases
@@ -679,7 +721,7 @@ class TorchBackend(CommBackend):
                 combined_w.copy_(_sum_weights(back_w, pieces, num_tokens))
             self._scratch.give(scratch, back_x)
 
-        return CombineOutput(combined_x=combined, combined_topk_weights=combined_w, finish=finish)
+        return CombineOutput(combined_x=combined, combined_topk_weights=combined_w, finish=finish_direct if direct else finish)
 
     def _combine_worst_case(self, request: CombineRequest) -> CombineOutput:
         ctx = self._ctx("combine")
