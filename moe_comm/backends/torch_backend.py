@@ -16,8 +16,9 @@ Normal mode moves each token once per destination rank:
 
 Combine returns one row per (token, rank) with the mirrored ``all_to_all_single``; the token owner sums
 them in rank order in float32 (float64 for float64). On the CPU it does so token block by token block
-with ``embedding_bag`` over an upcast copy of the block's rows that stays in cache; on a GPU with one
-``index_add_`` per rank. Both give bitwise the same results.
+with ``embedding_bag``, straight over the received rows (or, with a bias, over an upcast copy of the
+block's rows that stays in cache); on a GPU with one ``index_add_`` per rank. All give bitwise the same
+results.
 
 Worst-case mode (``num_worst_tokens > 0``) never reads counts on the host: every rank sends each peer a
 fixed block of ``C = num_worst_tokens // R`` rows (valid rows first, then filler) with equal-split
