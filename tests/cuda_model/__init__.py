@@ -12,6 +12,8 @@ a GPU (``scripts/gpu_check.sh``).
 * :mod:`tests.cuda_model.streams`: fake CUDA streams and events that record what each stream waited for.
 * :mod:`tests.cuda_model.install`: puts both in place in a rank process and registers backend ``"cudasim"``.
 * :mod:`tests.cuda_model.checks`: rank bodies run by ``tests/test_cuda_model.py``.
+* :mod:`tests.cuda_model.emulator_checks`: bodies run by ``tests/test_cuda_model_emulator.py`` (the single-GPU
+  emulator and the CUDA bench suite, in one process).
 
 Importing these modules changes nothing; only :func:`tests.cuda_model.install.install` patches, and it
 refuses to run outside a spawned process.

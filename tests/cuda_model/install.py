@@ -9,12 +9,17 @@ modules share that process); tests/test_cuda_model.py calls it from rank bodies,
   the argument checks of every launcher);
 * replaces ``torch.cuda`` streams and events by the ordering-recording fakes of :mod:`tests.cuda_model.streams`,
   makes ``torch.cuda.is_available()`` true, ``current_device()`` 0 and ``synchronize()`` a no-op (the model's
-  kernels complete at their launch), and makes ``Tensor.pin_memory()`` a plain copy;
+  kernels complete at their launch), gives the one device a name and :data:`MODEL_SM_COUNT` SMs
+  (``get_device_name``, ``get_device_properties``), and makes ``Tensor.pin_memory()`` a plain copy;
 * puts the symmetric buffers' small host-side tensors on the CPU and drops the two "is this a CUDA tensor"
   checks of the host code (``cuda_dispatch_layout``, ``per_token_cast_fp8``), recompiling those functions from
   their own current source without the check, so every other line is the repository's;
 * registers :class:`ModelCudaBackend`: :class:`moe_comm.backends.cuda.CudaBackend` unchanged except that its
   tensors live on the host. ``Buffer(backend="cudasim")`` then runs the real host code on CPU tensors.
+
+Host code that names the device itself (the single-GPU emulator's default device, the CUDA bench's
+``device="cuda"`` tensors and generator) runs inside :func:`cuda_tensors_on_host`, which puts those tensors on
+the host too; it is entered around such code only, so the backend tests keep failing loudly on a CUDA tensor.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import dataclasses
 import importlib.util
 import inspect
 import multiprocessing
+import re
 import sys
 from collections.abc import Callable, Iterator
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from moe_comm.backends import cuda as cuda_backend
 from moe_comm.backends import cuda_intranode, cuda_memory, registry
@@ -37,9 +44,12 @@ from moe_comm.backends.base import BackendContext
 from tests.cuda_model.kernels import DeviceMemory, KernelModel, model_extension
 from tests.cuda_model.streams import FakeEvent, FakeStream, StreamTracker
 
-__all__ = ["MODEL_BACKEND", "ModelConfig", "ModelCudaBackend", "install", "installed", "launcher_replaced", "stream_tracker"]
+__all__ = ["MODEL_BACKEND", "MODEL_DEVICE_NAME", "MODEL_SM_COUNT", "ModelConfig", "ModelCudaBackend", "cuda_tensors_on_host",
+           "install", "installed", "launcher_replaced", "stream_tracker"]
 
 MODEL_BACKEND = "cudasim"
+MODEL_DEVICE_NAME = "kernel model (tests/cuda_model, no GPU)"
+MODEL_SM_COUNT = 132  # an H100/H200's SMs: what the bench's SM sweep is bounded by
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +91,8 @@ class ModelCudaBackend(cuda_backend.CudaBackend):
 
 def _without_device_check(function: Callable[..., Any], check: str) -> None:
     """Recompile module-level ``function`` from its current source with the text ``check`` removed, in its own
-    module (line numbers kept, so tracebacks point at the real file)."""
+    module (line numbers kept, so tracebacks point at the real file), and rebind it in every ``moe_comm``
+    module that imported it by name already (``cuda_emulator`` imports ``cuda_dispatch_layout``)."""
     lines, first_line = inspect.getsourcelines(function)
     source = "".join(lines)
     if source.count(check) != 1:
@@ -92,6 +103,10 @@ def _without_device_check(function: Callable[..., Any], check: str) -> None:
     # compile() inherits this module's `from __future__ import annotations`, which the host modules use too.
     code = compile("\n" * (first_line - 1) + source.replace(check, ""), filename, "exec")
     exec(code, function.__globals__)  # noqa: S102 - the repository's own source, minus one condition
+    replacement = function.__globals__[function.__name__]
+    for name, module in list(sys.modules.items()):
+        if (name == "moe_comm" or name.startswith("moe_comm.")) and getattr(module, function.__name__, None) is function:
+            setattr(module, function.__name__, replacement)
 
 
 def _real_extension() -> ModuleType:
@@ -126,10 +141,14 @@ def install(config: ModelConfig) -> None:
     torch.cuda.current_device = lambda: 0
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.Stream = lambda device=None, priority=0: FakeStream(tracker, device, priority)
-    torch.cuda.Event = lambda enable_timing=False, blocking=False, interprocess=False: FakeEvent(tracker)
+    torch.cuda.Event = lambda enable_timing=False, blocking=False, interprocess=False: FakeEvent(tracker, enable_timing)
     torch.cuda.current_stream = lambda device=None: tracker.current()
     torch.cuda.stream = tracker.use
     torch.Tensor.pin_memory = lambda self, device=None: self.clone()
+    properties = SimpleNamespace(name=MODEL_DEVICE_NAME, multi_processor_count=MODEL_SM_COUNT, major=9, minor=0,
+                                 total_memory=141 * 2**30)
+    torch.cuda.get_device_properties = lambda device=None: properties
+    torch.cuda.get_device_name = lambda device=None: MODEL_DEVICE_NAME
 
     _without_device_check(cuda_backend.cuda_dispatch_layout, " or not topk_idx.is_cuda")
     _without_device_check(cuda_intranode.per_token_cast_fp8, " or not x.is_cuda")
@@ -165,3 +184,50 @@ def launcher_replaced(name: str, replace: Callable[[Callable[..., None]], Callab
         yield
     finally:
         setattr(_installed.extension, name, original)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA tensors on the host
+
+_CUDA_NAME = re.compile(r"cuda(:\d+)?")
+
+
+def _on_host(value: Any) -> Any:
+    """``value`` with a CUDA device (``torch.device``, ``"cuda[:n]"``) replaced by the CPU; anything else as is."""
+    if isinstance(value, torch.device) and value.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(value, str) and _CUDA_NAME.fullmatch(value):
+        return "cpu"
+    return value
+
+
+class _HostTensors(TorchFunctionMode):
+    """Every torch call that names a CUDA device (``device=`` of a factory, ``Tensor.to(device)``) gets the CPU."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if "device" in kwargs:
+            device = kwargs["device"]
+            kwargs = {**kwargs, "device": "cpu" if isinstance(device, int) else _on_host(device)}
+        return func(*(_on_host(a) for a in args), **kwargs)
+
+
+class _HostGenerator(torch.Generator):
+    """``torch.Generator(device="cuda")``: a CPU generator (tensors made with it are on the host)."""
+
+    def __new__(cls, device: Any = "cpu") -> _HostGenerator:
+        return super().__new__(cls, device=_on_host(device))
+
+
+@contextlib.contextmanager
+def cuda_tensors_on_host() -> Iterator[None]:
+    """In the body, tensors and generators the code makes on a CUDA device are made on the host (where the
+    model's kernels read and write), so host code that names ``"cuda"`` itself runs on the model unchanged."""
+    assert _installed is not None, "the kernel model is not installed in this process"
+    generator = torch.Generator
+    torch.Generator = _HostGenerator
+    try:
+        with _HostTensors():
+            yield
+    finally:
+        torch.Generator = generator

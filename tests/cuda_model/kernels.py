@@ -520,6 +520,16 @@ class KernelModel:
                 in_rank[t * num_ranks + r] = hit
                 per_rank[r] += int(hit)
 
+    # -- csrc/kernels/copy.cu ----------------------------------------------------------------------------
+
+    def sm_copy(self, dst: int, src: int, nbytes: int, num_sms: int, stream: int) -> None:
+        """launch_sm_copy: the copy-bandwidth baseline of the CUDA bench (16-byte vectors, tail bytewise)."""
+        call_binding(self.real.sm_copy, dst, src, nbytes, num_sms, stream)
+        if nbytes == 0:
+            return  # the launcher returns before launching
+        self.on_launch("sm_copy", stream)
+        ctypes.memmove(dst, src, nbytes)
+
     # -- csrc/runtime/memory.cpp ------------------------------------------------------------------------
 
     def device_alloc_zeroed(self, device: int, nbytes: int) -> int:
@@ -544,14 +554,14 @@ class KernelModel:
 
 
 MODELLED = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv", "per_token_cast_fp8",
-            "get_dispatch_layout", "device_alloc_zeroed", "device_free", "ipc_get_handle", "ipc_open_handle",
+            "get_dispatch_layout", "sm_copy", "device_alloc_zeroed", "device_free", "ipc_get_handle", "ipc_open_handle",
             "ipc_close_handle")
 
 
 def model_extension(model: KernelModel) -> ModuleType:
     """A stand-in for ``moe_comm._C``: the real module's constants and layout functions, the model's launchers
-    and memory functions, and one device (``device_status() == "ok"``). Anything else (``sm_copy``,
-    ``barrier``, ``device_attribute``) is the real binding and fails for lack of a device."""
+    and memory functions, and one device (``device_status() == "ok"``). Anything else (``barrier``, which no
+    host code calls, and ``device_attribute``) is the real binding and fails for lack of a device."""
     module = ModuleType("moe_comm._C", "moe_comm._C modelled by tests/cuda_model/kernels.py (no CUDA code runs)")
     for name in dir(model.real):
         if not name.startswith("__"):

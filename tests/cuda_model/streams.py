@@ -9,11 +9,15 @@ has NOT waited for, e.g. the caller's stream after a synchronous ``Buffer.dispat
 
 Stream handles (``cuda_stream``) are small integers, 0 for the default stream; the kernel model attributes
 each launch to the stream whose handle the host passed, so a wrong or unknown handle is caught.
+
+Timing events (``enable_timing=True``) note the wall clock at ``record``; ``elapsed_time`` is the host time
+between two records, i.e. what the model's synchronous kernels took to run on the host (not a GPU time).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,14 +114,17 @@ class FakeStream:
 
 
 class FakeEvent:
-    """``torch.cuda.Event`` (the flags are accepted and ignored)."""
+    """``torch.cuda.Event`` (``blocking`` and ``interprocess`` are accepted and ignored)."""
 
     def __init__(self, tracker: StreamTracker, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False) -> None:
         self.clock: dict[int, int] = {}
         self._tracker = tracker
+        self._enable_timing = enable_timing
+        self._recorded_ns: int | None = None
 
     def record(self, stream: FakeStream | None = None) -> None:
         self.clock = dict((stream if stream is not None else self._tracker.current()).clock)
+        self._recorded_ns = time.perf_counter_ns()
 
     def wait(self, stream: FakeStream | None = None) -> None:
         (stream if stream is not None else self._tracker.current()).wait_event(self)
@@ -127,3 +134,12 @@ class FakeEvent:
 
     def query(self) -> bool:
         return True
+
+    def elapsed_time(self, end_event: FakeEvent) -> float:
+        """Milliseconds of host wall clock from this event's record to ``end_event``'s; raises where
+        ``cudaEventElapsedTime`` fails (an event made without ``enable_timing``, or not recorded)."""
+        if not (self._enable_timing and end_event._enable_timing):
+            raise RuntimeError("Both events must be created with argument 'enable_timing=True'.")
+        if self._recorded_ns is None or end_event._recorded_ns is None:
+            raise RuntimeError("Both events must be recorded before calculating elapsed time.")
+        return (end_event._recorded_ns - self._recorded_ns) / 1e6
