@@ -13,7 +13,6 @@ not built, and where a CUDA device is usable (tests/gpu runs the real kernels th
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import sys
@@ -24,13 +23,9 @@ from typing import Any
 import pytest
 import torch
 
-try:
-    importlib.import_module("moe_comm._C")
-except ImportError as exc:
-    pytest.skip(f"moe_comm._C is not built (no nvcc at install time): {exc}", allow_module_level=True)
-if torch.cuda.is_available():
-    pytest.skip("a CUDA device is usable: tests/gpu runs the real kernels (the model would launch them on host pointers)",
-                allow_module_level=True)
+from tests.cuda_model import skip_module_unless_modelled
+
+skip_module_unless_modelled()
 
 from moe_comm.launch import RankPool  # noqa: E402
 from tests import conformance  # noqa: E402

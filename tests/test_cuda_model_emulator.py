@@ -25,13 +25,9 @@ from typing import Any
 import pytest
 import torch
 
-try:
-    importlib.import_module("moe_comm._C")
-except ImportError as exc:
-    pytest.skip(f"moe_comm._C is not built (no nvcc at install time): {exc}", allow_module_level=True)
-if torch.cuda.is_available():
-    pytest.skip("a CUDA device is usable: tests/gpu runs the real kernels (the model would launch them on host pointers)",
-                allow_module_level=True)
+from tests.cuda_model import skip_module_unless_modelled
+
+skip_module_unless_modelled()
 
 from moe_comm.launch import RankFailure, RankPool  # noqa: E402
 from tests.conformance import Case  # noqa: E402

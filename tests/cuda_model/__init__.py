@@ -18,3 +18,20 @@ a GPU (``scripts/gpu_check.sh``).
 Importing these modules changes nothing; only :func:`tests.cuda_model.install.install` patches, and it
 refuses to run outside a spawned process.
 """
+
+
+def skip_module_unless_modelled() -> None:
+    """Skip the calling test module when there is nothing to model (``moe_comm._C`` not built) or when a CUDA
+    device is usable (there tests/gpu runs the real kernels, and the model would launch them on host pointers)."""
+    import importlib
+
+    import pytest
+    import torch
+
+    try:
+        importlib.import_module("moe_comm._C")
+    except ImportError as exc:
+        pytest.skip(f"moe_comm._C is not built (no nvcc at install time): {exc}", allow_module_level=True)
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is usable: tests/gpu runs the real kernels (the model would launch them on host pointers)",
+                    allow_module_level=True)

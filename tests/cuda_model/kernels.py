@@ -31,7 +31,7 @@ import mmap
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -290,6 +290,25 @@ class KernelModel:
 
     # -- csrc/kernels/intranode_dispatch.cu ------------------------------------------------------------
 
+    def _token_slots(self, v: PeerView, is_token_in_rank: int, send_pos: int, num_tokens: int,
+                     capacity_rows: int) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+        """Per token t: ``(t, [(rank d, slot of t in d's region), ...])`` for the ranks t goes to, in rank order.
+        A slot outside ``[0, capacity_rows)`` is recorded as an overflow and left out, as the kernels do."""
+        ranks = v.num_ranks
+        in_rank = raw(is_token_in_rank, num_tokens * ranks, torch.bool)
+        positions = raw(send_pos, num_tokens * ranks, torch.int32)
+        for t in range(num_tokens):
+            slots = []
+            for d in range(ranks):
+                if not bool(in_rank[t * ranks + d]):
+                    continue
+                pos = int(positions[t * ranks + d])
+                if pos < 0 or pos >= capacity_rows:
+                    self._record_error(v, d, self.phase["overflow"], capacity_rows, pos)
+                    continue
+                slots.append((d, pos))
+            yield t, slots
+
     def dispatch_send(self, view: tuple, x: int, x_scales: int, topk_idx: int, topk_weights: int,
                       is_token_in_rank: int, send_pos: int, num_tokens_per_rank: int, num_tokens: int, row_bytes: int,
                       num_scales: int, num_topk: int, experts_per_rank: int, capacity_rows: int, num_sms: int,
@@ -303,16 +322,8 @@ class KernelModel:
             return
         rec = self._record(row_bytes, num_scales, num_topk)
         ranks = v.num_ranks
-        in_rank = raw(is_token_in_rank, num_tokens * ranks, torch.bool)
-        positions = raw(send_pos, num_tokens * ranks, torch.int32)
-        for t in range(num_tokens):
-            for d in range(ranks):
-                if not bool(in_rank[t * ranks + d]):
-                    continue
-                pos = int(positions[t * ranks + d])
-                if pos < 0 or pos >= capacity_rows:
-                    self._record_error(v, d, self.phase["overflow"], capacity_rows, pos)
-                    continue
+        for t, slots in self._token_slots(v, is_token_in_rank, send_pos, num_tokens, capacity_rows):
+            for d, pos in slots:
                 dst = v.dispatch_region(d, v.rank) + pos * rec.bytes
                 self.memory.check_range(dst, rec.bytes)
                 warp_copy16(dst, x + t * row_bytes, row_bytes)
@@ -432,17 +443,9 @@ class KernelModel:
         rec_bytes = int(self.real.combine_record_bytes(row_bytes, num_topk))
         weights_offset = _align_up(row_bytes, 16)
         ranks = v.num_ranks
-        in_rank = raw(is_token_in_rank, num_tokens * ranks, torch.bool)
-        positions = raw(send_pos, num_tokens * ranks, torch.int32)
-        for t in range(num_tokens):
+        for t, slots in self._token_slots(v, is_token_in_rank, send_pos, num_tokens, capacity_rows):
             rows = []
-            for d in range(ranks):
-                if not bool(in_rank[t * ranks + d]):
-                    continue
-                pos = int(positions[t * ranks + d])
-                if pos < 0 or pos >= capacity_rows:
-                    self._record_error(v, d, self.phase["overflow"], capacity_rows, pos)
-                    continue
+            for d, pos in slots:
                 row = v.combine_region(v.rank, d) + pos * rec_bytes
                 self.memory.check_range(row, rec_bytes)
                 assert row % 16 == 0, f"misaligned int4 load of a combine record at {row:#x}"
