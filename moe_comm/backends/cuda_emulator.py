@@ -140,13 +140,21 @@ class MultiRankEmulator:
         self,
         plans: Sequence[ops.RoutingPlan],
         x: Sequence[torch.Tensor],
-        topk_weights: Sequence[torch.Tensor | None] | None = None,
+        topk_weights: Sequence[torch.Tensor] | None = None,
         num_sms: int = 20,
         outputs: Sequence[torch.Tensor] | None = None,
+        weight_outputs: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
-        """Combine every rank's received rows ``x[r] [N_r, H]`` back to ``[T_r, H]`` (issued, not synchronised)."""
+        """Combine every rank's received rows ``x[r] [N_r, H]`` back to ``[T_r, H]`` (issued, not synchronised).
+
+        With ``topk_weights[r] [N_r, K]`` (float32) the weights travel with the rows and are summed per token
+        like them, into ``weight_outputs[r] [T_r, K]`` (float32, required then)."""
         r = self.num_ranks
-        weights = list(topk_weights) if topk_weights is not None else [None] * r
+        if (topk_weights is None) != (weight_outputs is None):
+            raise ValueError("weight_outputs: give it exactly when topk_weights is given (one [T_r, K] float32 "
+                             "tensor per rank for the combined weights)")
+        weights: list[torch.Tensor | None] = list(topk_weights) if topk_weights is not None else [None] * r
+        weights_out: list[torch.Tensor | None] = list(weight_outputs) if weight_outputs is not None else [None] * r
         if outputs is None:
             outputs = [torch.empty(p.is_token_in_rank.shape[0], x[d].shape[1], dtype=x[d].dtype, device=self.device) for d, p in enumerate(plans)]
         epochs = [buf.next_epoch("combine") for buf in self.buffers]
@@ -158,5 +166,6 @@ class MultiRankEmulator:
         self.join()
         for rank in range(r):
             with torch.cuda.stream(self.streams[rank]):
-                ops.combine_recv(self.buffers[rank], plans[rank], epochs[rank], outputs[rank], None, (None, None), num_sms, self.streams[rank])
+                ops.combine_recv(self.buffers[rank], plans[rank], epochs[rank], outputs[rank], weights_out[rank], (None, None),
+                                 num_sms, self.streams[rank])
         return list(outputs)

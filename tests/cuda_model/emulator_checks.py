@@ -165,21 +165,25 @@ def check_exact(world: int, case: Case, repeats: int = 3) -> None:
 
 
 def check_weighted_combine(world: int, case: Case) -> None:
-    """``MultiRankEmulator.combine(..., topk_weights=...)``: the combined rows are the same as without weights
-    (the emulator returns no combined weights, so the weights may only ride along)."""
+    """``MultiRankEmulator.combine(..., topk_weights=...)``: the combined rows are the same as without weights,
+    and each token's combined weights are its own weights where it chose an expert and 0 at -1 slots (each slot
+    is local to exactly one rank, which sends it; the others send 0)."""
     xs, idxs, ws = _inputs(case, world)
     num_experts = case.experts_per_rank * world
     emu = _emulator(case, world, case.dtype)
     plans = emu.plan(idxs, num_experts, num_sms=2)
     outs = issued(emu, "dispatch", lambda: emu.dispatch(plans, xs, topk_idx=idxs, topk_weights=ws, num_experts=num_experts, num_sms=2))
     emu.raise_if_failed("dispatch")
+    combined_weights = [torch.full(w.shape, float("nan"), dtype=torch.float32) for w in ws]
     back = issued(emu, "weighted combine", lambda: emu.combine(plans, [o.recv_x for o in outs],
-                                                                topk_weights=[o.recv_topk_weights for o in outs], num_sms=2))
+                                                                topk_weights=[o.recv_topk_weights for o in outs],
+                                                                num_sms=2, weight_outputs=combined_weights))
     emu.raise_if_failed("combine")
     try:
         for s in range(world):
-            _assert_same(back[s], _combined_oracle(xs[s], idxs[s], case.experts_per_rank, world, scaled=False),
-                         f"{case} R={world} weighted combine rank {s}")
+            label = f"{case} R={world} weighted combine rank {s}"
+            _assert_same(back[s], _combined_oracle(xs[s], idxs[s], case.experts_per_rank, world, scaled=False), label)
+            _assert_same(combined_weights[s], torch.where(idxs[s] >= 0, ws[s], 0.0), f"{label} weights")
     finally:
         emu.destroy()
 
