@@ -86,26 +86,35 @@ __global__ void __launch_bounds__(kIntranodeThreads) combine_recv_kernel(Combine
   const AccT* bias1 = static_cast<const AccT*>(a.bias1);
   T* out = static_cast<T*>(a.out);
   for (int t = warp; t < a.num_tokens; t += num_warps) {
+    // One slot per rank, null where the token did not go: indexed only by unrolled constants, so the
+    // pointers stay in registers, and every rank's 16 bytes of a chunk are loaded before any is summed
+    // (up to kMaxRanks loads in flight per lane instead of one).
     const uint8_t* rows[kMaxRanks];
-    int num_rows = 0;
-    for (int d = 0; d < v.num_ranks; ++d) {
-      if (!a.is_token_in_rank[size_t(t) * v.num_ranks + d]) continue;
+#pragma unroll
+    for (int d = 0; d < kMaxRanks; ++d) {
+      rows[d] = nullptr;
+      if (d >= v.num_ranks || !a.is_token_in_rank[size_t(t) * v.num_ranks + d]) continue;
       const int pos = a.send_pos[size_t(t) * v.num_ranks + d];
       if (pos < 0 || pos >= a.capacity_rows) {
         if (lane == 0) record_error(v.err, v.rank, d, kPhaseOverflow, a.capacity_rows, pos);
         continue;
       }
-      rows[num_rows++] = v.peers[v.rank] +
-                         combine_region_offset(d, v.num_ranks, v.dispatch_region_bytes, v.combine_region_bytes) +
-                         size_t(pos) * rec_bytes;
+      rows[d] = v.peers[v.rank] +
+                combine_region_offset(d, v.num_ranks, v.dispatch_region_bytes, v.combine_region_bytes) +
+                size_t(pos) * rec_bytes;
     }
     for (int c = lane * kVec; c < a.hidden; c += 32 * kVec) {
+      int4 packed[kMaxRanks];
+#pragma unroll
+      for (int d = 0; d < kMaxRanks; ++d)
+        if (rows[d] != nullptr) packed[d] = *reinterpret_cast<const int4*>(rows[d] + size_t(c) * sizeof(T));
       AccT acc[kVec];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) acc[k] = AccT(0);
-      for (int r = 0; r < num_rows; ++r) {  // rank order: deterministic and equal to the portable backend
-        const int4 packed = *reinterpret_cast<const int4*>(rows[r] + size_t(c) * sizeof(T));
-        const T* vals = reinterpret_cast<const T*>(&packed);
+#pragma unroll
+      for (int d = 0; d < kMaxRanks; ++d) {  // rank order: deterministic and equal to the portable backend
+        if (rows[d] == nullptr) continue;
+        const T* vals = reinterpret_cast<const T*>(&packed[d]);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) acc[k] += to_acc(vals[k]);
       }
@@ -117,15 +126,17 @@ __global__ void __launch_bounds__(kIntranodeThreads) combine_recv_kernel(Combine
 #pragma unroll
         for (int k = 0; k < kVec; ++k) acc[k] += bias1[size_t(t) * a.hidden + c + k];
       }
-      int4 packed;
-      T* res = reinterpret_cast<T*>(&packed);
+      int4 result;
+      T* res = reinterpret_cast<T*>(&result);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) res[k] = from_acc<T>(acc[k]);
-      *reinterpret_cast<int4*>(out + size_t(t) * a.hidden + c) = packed;
+      *reinterpret_cast<int4*>(out + size_t(t) * a.hidden + c) = result;
     }
     if (a.out_weights != nullptr && lane < a.num_topk) {
       float w = 0.0f;
-      for (int r = 0; r < num_rows; ++r) w += reinterpret_cast<const float*>(rows[r] + weights_offset)[lane];
+#pragma unroll
+      for (int d = 0; d < kMaxRanks; ++d)
+        if (rows[d] != nullptr) w += reinterpret_cast<const float*>(rows[d] + weights_offset)[lane];
       a.out_weights[size_t(t) * a.num_topk + lane] = w;
     }
   }
