@@ -226,7 +226,18 @@ def _function_ref(fn: Callable[..., Any]) -> tuple[str | None, str, str]:
     return module_file, fn.__module__, fn.__qualname__
 
 
-def _rank_setup(rank: int, world_size: int, port: int, backend: str, timeout_s: float, sys_path: list[str]) -> None:
+def _threads_per_rank(world_size: int) -> int:
+    """Intra-op threads for one of ``world_size`` local ranks, decided by the launching process (ranks fork
+    from a server whose environment predates the call): ``OMP_NUM_THREADS`` when set, else an equal
+    share of the cores this process may run on (at least 1), so ranks do not oversubscribe the host and,
+    where there are cores to spare, gathers and copies in each rank run in parallel."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // world_size)
+
+
+def _rank_setup(rank: int, world_size: int, port: int, backend: str, timeout_s: float, sys_path: list[str], threads: int) -> None:
     for entry in reversed(sys_path):
         if entry not in sys.path:
             sys.path.insert(0, entry)
@@ -238,7 +249,7 @@ def _rank_setup(rank: int, world_size: int, port: int, backend: str, timeout_s: 
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size),
     )
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(
@@ -257,12 +268,13 @@ def _spawn_entry(
     backend: str,
     timeout_s: float,
     sys_path: list[str],
+    threads: int,
     fn_ref: tuple[str | None, str, str],
     args: tuple[Any, ...],
     results: Any,
 ) -> None:
     try:
-        _rank_setup(rank, world_size, port, backend, timeout_s, sys_path)
+        _rank_setup(rank, world_size, port, backend, timeout_s, sys_path, threads)
         fn = _resolve_function(*fn_ref)
         value = fn(*args)
         results.put((rank, True, value))
@@ -314,7 +326,7 @@ def spawn(
     procs = [
         ctx.Process(
             target=_spawn_entry,
-            args=(rank, nprocs, port, chosen, timeout_s, list(sys.path), _function_ref(fn), args, results),
+            args=(rank, nprocs, port, chosen, timeout_s, list(sys.path), _threads_per_rank(nprocs), _function_ref(fn), args, results),
             daemon=False,
         )
         for rank in range(nprocs)
@@ -362,11 +374,12 @@ def _pool_worker(
     backend: str,
     timeout_s: float,
     sys_path: list[str],
+    threads: int,
     commands: Any,
     results: Any,
 ) -> None:
     try:
-        _rank_setup(rank, world_size, port, backend, timeout_s, sys_path)
+        _rank_setup(rank, world_size, port, backend, timeout_s, sys_path, threads)
     except BaseException:  # noqa: BLE001
         results.put((-1, rank, False, traceback.format_exc()))
         return
@@ -427,7 +440,8 @@ class RankPool:
         self._procs = [
             self._ctx.Process(
                 target=_pool_worker,
-                args=(rank, self.world_size, port, self.backend, 600.0, list(sys.path), self._commands[rank], self._results),
+                args=(rank, self.world_size, port, self.backend, 600.0, list(sys.path), _threads_per_rank(self.world_size),
+                      self._commands[rank], self._results),
                 daemon=True,
             )
             for rank in range(self.world_size)

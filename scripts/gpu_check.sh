@@ -3,8 +3,8 @@
 # Usage: scripts/gpu_check.sh OUTDIR      (python3 on PATH, no venv, no network; total <= GPU_CHECK_BUDGET_S, default 540)
 # Afterwards, on the development machine: python scripts/record_gpu_run.py OUTDIR "<device name>" writes the
 # benchmarks/results JSON and prints a docs/gpu-log.md draft.
-# Writes at most 9 files directly in OUTDIR: build.log tests.log junit.xml sanitizer.log bench.log
-# bench_cuda.json (+ bench_cuda.png) bench_portable.json summary.json
+# Writes at most 10 files directly in OUTDIR: build.log tests.log junit.xml sanitizer.log bench.log
+# bench_cuda.json (+ bench_cuda.png) bench_portable.json bench_portable_cpu4.json summary.json
 set -u
 OUT="${1:?usage: scripts/gpu_check.sh OUTDIR}"
 mkdir -p "$OUT"
@@ -47,6 +47,9 @@ step bench 150 "$OUT/bench.log" "$PY" -m moe_comm.bench --suite cuda --json "$OU
 # The portable backend at the same shape for comparison, with what is left of the budget: 8 ranks on one GPU
 # cannot share NCCL, so these are gloo ranks on the host's cores (the records name the transport).
 step bench_portable 120 "$OUT/bench.log" "$PY" -m moe_comm.bench --nprocs 8 --hidden 7168 --fp8 --warmup 1 --iters 3 --json "$OUT/bench_portable.json"
+# Issue 2's CPU target (4 gloo ranks, hidden 1024 bf16, each op <= 1.3x its raw all-to-all) on a host with
+# cores to spare: the development VMs have 2 cores for 4 ranks, so there every op is CPU-bound.
+step bench_portable_cpu4 60 "$OUT/bench.log" "$PY" -m moe_comm.bench --nprocs 4 --hidden 1024 --no-fp8 --warmup 3 --iters 20 --json "$OUT/bench_portable_cpu4.json"
 
 "$PY" - "$OUT" "$(( $(date +%s) - START ))" <<PYEOF
 import json, sys

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     bench = json.loads((out / "bench_cuda.json").read_text()) if (out / "bench_cuda.json").exists() else {}
     portable = json.loads((out / "bench_portable.json").read_text()) if (out / "bench_portable.json").exists() else {}
+    cpu4 = json.loads((out / "bench_portable_cpu4.json").read_text()) if (out / "bench_portable_cpu4.json").exists() else {}
     today = datetime.date.today()
     record = {
         "device": args.device,
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "tests_log_summary": tail_counts(out / "tests.log"),
         "bench": bench,
         "bench_portable": portable,
+        "bench_portable_cpu4": cpu4,
     }
     slug = "".join(c if c.isalnum() else "-" for c in args.device.lower()).strip("-")
     dest = ROOT / "benchmarks" / "results" / f"gpu-check-{slug}-{today:%Y%m%d}.json"
@@ -77,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             frac = r.get("fraction_of_copy", r.get("kept_fraction"))
             lines.append(f"- {r['op']} ({r.get('num_sms')} SMs): {r['time_s_median'] * 1e3:.3f} ms, "
                          f"{'' if frac is None else f'{frac:.3f} '}({r.get('target')}: {'met' if r.get('target_met') else 'missed'})")
-    for r in portable.get("results", []):
-        lines.append(f"- portable {r['op']} ({r.get('transport')}, {r.get('world_size')} ranks on the host): "
-                     f"{r['time_s_median'] * 1e3:.1f} ms, {r['ratio_to_baseline']:.2f} x its raw all-to-all")
+    for r in portable.get("results", []) + cpu4.get("results", []):
+        met = f" ({r['target']}: {'met' if r.get('target_met') else 'missed'})" if r.get("target") else ""
+        lines.append(f"- portable {r['op']} ({r.get('transport')}, {r.get('world_size')} ranks on the host, hidden "
+                     f"{r.get('hidden')}): {r['time_s_median'] * 1e3:.1f} ms, {r['ratio_to_baseline']:.2f} x its raw all-to-all{met}")
     lines.append(f"Records: `{dest.relative_to(ROOT)}`.")
     print("\n".join(lines))
     return 0

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
+from pathlib import Path
 
 from moe_comm.bench.__main__ import main
 
@@ -63,3 +66,23 @@ def test_bench_writes_one_record_per_op(tmp_path, capsys):
     assert d["floor_time_s_median"] > 0 and d["ratio_to_floor"] > 0
     printed = capsys.readouterr().out
     assert "dispatch floor" in printed and "combine CPU per rank" in printed
+
+    # scripts/record_gpu_run.py turns a gpu_check.sh folder (here with these records as both portable runs)
+    # into a results file and a gpu-log draft that names each portable op's ratio and target.
+    spec = importlib.util.spec_from_file_location("record_gpu_run", Path(__file__).parents[1] / "scripts" / "record_gpu_run.py")
+    recorder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recorder)
+    run_dir, root = tmp_path / "gpu-out", tmp_path / "repo"
+    run_dir.mkdir()
+    (root / "benchmarks" / "results").mkdir(parents=True)
+    shutil.copy(out, run_dir / "bench_portable.json")
+    shutil.copy(out, run_dir / "bench_portable_cpu4.json")
+    (run_dir / "summary.json").write_text(json.dumps({"steps_rc": {"build": 0, "bench_portable_cpu4": 0}, "total_s": 1}))
+    recorder.ROOT = root
+    assert recorder.main([str(run_dir), "Test Device 1", "--commit", "abc1234"]) == 0
+    (written,) = (root / "benchmarks" / "results").iterdir()
+    saved = json.loads(written.read_text())
+    assert saved["bench_portable_cpu4"] == report and saved["steps_rc"]["bench_portable_cpu4"] == 0
+    draft = capsys.readouterr().out
+    assert draft.count("portable dispatch (gloo, 2 ranks on the host, hidden 64)") == 2
+    assert "time <= 1.3 x baseline: " in draft

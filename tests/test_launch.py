@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from moe_comm import available_backends
-from moe_comm.launch import RankFailure, detect_launcher, spawn
+from moe_comm.launch import RankFailure, _threads_per_rank, detect_launcher, spawn
 
 SCRIPT = Path(__file__).parent / "launch_scripts" / "roundtrip.py"
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,6 +97,19 @@ def _returns_rank() -> tuple[int, int]:
 
 def test_spawn_returns_per_rank_values():
     assert spawn(_returns_rank, 3, backend="gloo") == [(0, 3), (1, 3), (2, 3)]
+
+
+def _intra_op_threads() -> int:
+    return torch.get_num_threads()
+
+
+def test_spawned_ranks_take_an_equal_share_of_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert [_threads_per_rank(w) for w in (1, 2, 4, 64)] == [cores, max(1, cores // 2), max(1, cores // 4), max(1, cores // 64)]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins, and reaches the ranks
+    assert _threads_per_rank(2) == 3
+    assert spawn(_intra_op_threads, 2, backend="gloo") == [3, 3]
 
 
 def test_spawn_propagates_the_failing_rank_traceback():
