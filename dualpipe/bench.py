@@ -50,7 +50,7 @@ def _rank_main(args: argparse.Namespace) -> dict[str, Any]:
     ours_modules = [_Block(args.hidden, args.depth, seed=s).to(device) for s in stage_ids]
     theirs_modules = [copy.deepcopy(m) for m in ours_modules]
     ours = DualPipeV((ours_modules[0], ours_modules[1]))
-    stages = [PipelineStage(m, s, 2 * world, device) for m, s in zip(theirs_modules, stage_ids)]
+    stages = [PipelineStage(m, s, 2 * world, device) for m, s in zip(theirs_modules, stage_ids, strict=True)]
     theirs = ScheduleDualPipeV(stages, n_microbatches=args.chunks, loss_fn=_loss, scale_grads=False)
 
     gen = torch.Generator().manual_seed(0)
@@ -92,8 +92,8 @@ def _rank_main(args: argparse.Namespace) -> dict[str, Any]:
                 loss_theirs = out
     grad_diff = max(
         (p.grad - q.grad).abs().max().item()
-        for a, b in zip(ours_modules, theirs_modules)
-        for p, q in zip(a.parameters(), b.parameters())
+        for a, b in zip(ours_modules, theirs_modules, strict=True)
+        for p, q in zip(a.parameters(), b.parameters(), strict=True)
     )
     record: dict[str, Any] = {
         "rank": rank,

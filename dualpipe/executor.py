@@ -333,7 +333,7 @@ class Executor:
         if slot.output_grads is None and self._local(nxt):
             slot.output_grads = self._slot(nxt, self._mb_of(slot)).input_grads
         assert slot.output_grads is not None, "the output gradient was never received"
-        pairs = [(o, g) for o, g in zip(slot.outputs, slot.output_grads) if o.requires_grad and g is not None]
+        pairs = [(o, g) for o, g in zip(slot.outputs, slot.output_grads, strict=True) if o.requires_grad and g is not None]
         return [o for o, _ in pairs], [g for _, g in pairs]
 
     def _grad_inputs(self, slot: _Slot, stage: int) -> list[torch.Tensor]:
@@ -366,7 +366,7 @@ class Executor:
                 computed = ()
         finally:
             self.store.end_input_backward()
-        by_id = {id(t): g for t, g in zip(wrt, computed)}
+        by_id = {id(t): g for t, g in zip(wrt, computed, strict=True)}
         slot.input_grads = tuple(by_id.get(id(t)) for t in slot.inputs) if wrt else ()
         slot.weight_pending = True
         if slot.weight_work is not None:

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe.executor import Executor, StepInputs, WeightGradStore
-from dualpipe.p2p import Layouts
 from dualpipe.ir import Schedule
+from dualpipe.p2p import Layouts
 from dualpipe.schedules import SCHEDULES, generate
 from dualpipe.validate import lower_to_p2p
 
@@ -195,7 +195,7 @@ class PipelineRunner(nn.Module):
         loss = torch.stack(losses) if losses else None
         out = None
         if return_outputs and outputs:
-            columns = list(zip(*outputs))
+            columns = list(zip(*outputs, strict=True))
             merged = [torch.cat(c, dim=self.batch_dim) for c in columns]
             out = merged[0] if len(merged) == 1 else tuple(merged)
         return loss, out

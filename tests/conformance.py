@@ -180,8 +180,8 @@ def check_dispatch_combine(backend: str, case: Case, expert_alignment: int = 1, 
     recv_x = res.recv_x.cpu()
     got_rank, got_tok = decode_origin(recv_x)
     assert torch.equal(got_rank, exp["src_rank"]) and torch.equal(got_tok, exp["src_idx"]), (
-        f"rank {rank}: rows arrived from (rank, token) {list(zip(got_rank.tolist(), got_tok.tolist()))[:8]}..., "
-        f"expected {list(zip(exp['src_rank'].tolist(), exp['src_idx'].tolist()))[:8]}..."
+        f"rank {rank}: rows arrived from (rank, token) {list(zip(got_rank.tolist(), got_tok.tolist(), strict=True))[:8]}..., "
+        f"expected {list(zip(exp['src_rank'].tolist(), exp['src_idx'].tolist(), strict=True))[:8]}..."
     )
     assert torch.equal(recv_x, exp["x"]), f"rank {rank}: payload bytes differ from the sources' rows"
     assert torch.equal(res.recv_topk_idx.cpu(), exp["topk_idx"])
@@ -342,7 +342,7 @@ def check_deterministic(backend: str, case: Case, repeats: int = 3) -> None:
         out = buf.combine(rows, res.handle, topk_weights=res.recv_topk_weights)
         outs.append((res.recv_x.cpu(), res.recv_topk_idx.cpu(), out.combined_x.cpu(), out.combined_topk_weights.cpu()))
     for other in outs[1:]:
-        for a, b in zip(outs[0], other):
+        for a, b in zip(outs[0], other, strict=True):
             assert torch.equal(a.view(torch.uint8) if a.is_floating_point() else a, b.view(torch.uint8) if b.is_floating_point() else b)
 
 

@@ -7,7 +7,15 @@ import math
 
 import pytest
 
-from moe_comm.model import Cluster, MoEShape, estimate_schedules, hit_rates, layer_traffic, sms_to_saturate, validate_deepep
+from moe_comm.model import (
+    Cluster,
+    MoEShape,
+    estimate_schedules,
+    hit_rates,
+    layer_traffic,
+    sms_to_saturate,
+    validate_deepep,
+)
 from moe_comm.model.__main__ import main
 
 

@@ -60,7 +60,7 @@ def _data(batch: int, seed: int = 0, seq: int | None = None):
 def _reference(num_stages: int, x: torch.Tensor, y: torch.Tensor, num_chunks: int, stage_cls=Stage):
     stages = [stage_cls(s) for s in range(num_stages)]
     losses, outs = [], []
-    for xc, yc in zip(torch.tensor_split(x, num_chunks), torch.tensor_split(y, num_chunks)):
+    for xc, yc in zip(torch.tensor_split(x, num_chunks), torch.tensor_split(y, num_chunks), strict=True):
         h = xc
         for m in stages:
             h = m(h)
@@ -85,7 +85,7 @@ def _dualpipev(num_chunks: int, hooked: bool = False):
     ref_loss, ref_out, ref_stages = _reference(2 * world, x, y, num_chunks)
     mine = {rank: pipe.stages[str(rank)], 2 * world - 1 - rank: pipe.stages[str(2 * world - 1 - rank)]}
     for s, m in mine.items():
-        for p, q in zip(m.parameters(), ref_stages[s].parameters()):
+        for p, q in zip(m.parameters(), ref_stages[s].parameters(), strict=True):
             assert _close(p.grad, q.grad), f"rank {rank} stage {s}: gradient differs"
     if rank == 0:
         assert torch.equal(loss, ref_loss), (loss, ref_loss)
@@ -126,7 +126,7 @@ def _dualpipe(num_chunks: int):
     _reference_into(ref_b, x0, y0, half)
     _reference_into(ref_b, x1, y1, half)
     for module, s in ((pipe.module_pair[0], rank), (pipe.module_pair[1], world - 1 - rank)):
-        for p, q in zip(module.parameters(), ref_b[s].parameters()):
+        for p, q in zip(module.parameters(), ref_b[s].parameters(), strict=True):
             assert _close(p.grad, q.grad), f"rank {rank} stage {s}: mirrored gradient differs"
     if rank == 0:
         assert torch.equal(loss, ref_loss1) and torch.equal(out, ref_out1)
@@ -136,7 +136,7 @@ def _dualpipe(num_chunks: int):
 
 
 def _reference_into(stages, x, y, num_chunks):
-    for xc, yc in zip(torch.tensor_split(x, num_chunks), torch.tensor_split(y, num_chunks)):
+    for xc, yc in zip(torch.tensor_split(x, num_chunks), torch.tensor_split(y, num_chunks), strict=True):
         h = xc
         for m in stages:
             h = m(h)
@@ -156,7 +156,7 @@ def _linear_plan(name: str, num_chunks: int):
     x, y = _data(3 * num_chunks, seed=3)
     loss, out = runner.step(x, num_chunks=num_chunks, criterion=criterion, labels=(y,), return_outputs=True)
     ref_loss, ref_out, ref = _reference(world, x, y, num_chunks)
-    for p, q in zip(runner.stages[str(rank)].parameters(), ref[rank].parameters()):
+    for p, q in zip(runner.stages[str(rank)].parameters(), ref[rank].parameters(), strict=True):
         assert _close(p.grad, q.grad), f"rank {rank}: {name} gradient differs"
     if rank == world - 1:
         assert torch.equal(loss, ref_loss) and torch.equal(out, ref_out)
@@ -178,7 +178,7 @@ def _variable_lengths():
     if rank == 0:
         stages = [Stage(s) for s in range(2 * world)]
         ref = []
-        for xc, yc in zip(torch.tensor_split(x, num_chunks, dim=1), torch.tensor_split(y, num_chunks, dim=1)):
+        for xc, yc in zip(torch.tensor_split(x, num_chunks, dim=1), torch.tensor_split(y, num_chunks, dim=1), strict=True):
             h, yc = xc.contiguous(), yc.contiguous()
             for m in stages:
                 h = m(h)

@@ -32,7 +32,7 @@ _RESULT = re.compile(r"RESULT rank=(\d+) world=(\d+) launcher=(\w+) backend=(\w+
 def _results(stdout: str) -> list[dict[str, str]]:
     # Ranks share one pipe, so a line of one rank may land in the middle of another's output.
     keys = ("rank", "world", "launcher", "backend", "ok")
-    return [dict(zip(keys, m.groups())) for m in _RESULT.finditer(stdout)]
+    return [dict(zip(keys, m.groups(), strict=True)) for m in _RESULT.finditer(stdout)]
 
 
 def test_torchrun_launch():
