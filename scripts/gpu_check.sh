@@ -34,7 +34,7 @@ step() {  # step NAME LIMIT_S LOGFILE CMD...
 step nvidia_smi 20 "$OUT/build.log" nvidia-smi
 step build 240 "$OUT/build.log" "$PY" setup.py build_ext --inplace
 step import 60 "$OUT/build.log" "$PY" -c "import moe_comm._C as C; print(C.compiled_architectures(), C.device_status()); from moe_comm.backends.registry import available_backends; print(available_backends())"
-step pytest_kernels 150 "$OUT/tests.log" "$PY" -m pytest -q --junitxml="$OUT/junit.xml" tests/gpu/test_kernels.py tests/gpu/test_cuda_emulator.py tests/test_cuda_build.py
+step pytest_kernels 150 "$OUT/tests.log" "$PY" -m pytest -q --junitxml="$OUT/junit.xml" tests/gpu/test_torch_backend_on_gpu.py tests/gpu/test_kernels.py tests/gpu/test_cuda_emulator.py tests/test_cuda_build.py
 step pytest_conformance 200 "$OUT/tests.log" "$PY" -m pytest -q -x tests/gpu/test_cuda_conformance.py
 SAN="import torch; from moe_comm.backends.cuda_emulator import MultiRankEmulator as M; e=M(2,1<<20,1<<20); d=e.device; i=[torch.randint(0,8,(64,4),device=d) for _ in range(2)]; p=e.plan(i,8,2); x=[torch.randn(64,128,device=d).bfloat16() for _ in range(2)]; o=e.dispatch(p,x,topk_idx=i,num_experts=8,num_sms=2); y=e.combine(p,[t.recv_x for t in o],num_sms=2); torch.cuda.synchronize(); e.raise_if_failed('sanitizer'); print('ok', [t.recv_x.shape[0] for t in o])"
 if command -v compute-sanitizer >/dev/null; then

@@ -22,12 +22,12 @@ import pytest
 from moe_comm.launch import RankPool
 
 
-def pool_fixture(*world_sizes: int, timeout_s: float = 120.0):
-    """Return a module-scoped pytest fixture yielding a :class:`RankPool` for each world size."""
+def pool_fixture(*world_sizes: int, timeout_s: float = 120.0, backend: str = "gloo"):
+    """Return a module-scoped pytest fixture yielding a :class:`RankPool` (of ``backend``) for each world size."""
 
     @pytest.fixture(scope="module", params=list(world_sizes), ids=[f"ranks{n}" for n in world_sizes])
     def _pool(request: pytest.FixtureRequest) -> Iterator[RankPool]:
-        with RankPool(request.param, default_timeout_s=timeout_s) as pool:
+        with RankPool(request.param, backend=backend, default_timeout_s=timeout_s) as pool:
             yield pool
 
     return _pool
