@@ -8,6 +8,7 @@ FP8 dispatch with scales, bf16 combine), with uniform random routing, R = ``--cu
   once with the same ``num_sms``. Target: baseline time / op time >= 0.80. In this emulation every byte
   crosses HBM twice (write into the destination's region, copy out of it), where on a real node the first
   crossing is the NVLink write; so the emulated ratio is bounded near 0.5 and the record says so.
+* every timed run of those (op and baseline) starts with L2 flushed, outside the timed interval;
 * an SM sweep of both (``--cuda-sm-sweep``; per-rank SMs, R * SMs <= the GPU's SMs) and a PNG plot;
 * overlap: a large bf16 matmul on the compute stream while dispatch + combine loop on the emulated ranks with
   ``--cuda-overlap-sms`` SMs in total; target: matmul keeps >= 0.85 * (total - comm SMs) / total of its solo speed.
@@ -36,13 +37,25 @@ def add_arguments(parser: argparse.ArgumentParser | Any) -> None:
     parser.add_argument("--cuda-plot", type=Path, default=None, help="write the SM-sweep plot PNG here")
 
 
-def _time(fn: Callable[[], None], warmup: int, iters: int) -> float:
-    """Median seconds of ``fn`` on the current stream (``fn`` makes the current stream wait for its work)."""
+def _l2_flush_buffer() -> torch.Tensor:
+    """A device buffer twice the size of the L2 cache (32 MiB of L2 assumed where the property is missing):
+    zeroing it evicts whatever an earlier run left in L2."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or (32 << 20)
+    return torch.empty(2 * l2, dtype=torch.uint8, device="cuda")
+
+
+def _time(fn: Callable[[], None], warmup: int, iters: int, flush: torch.Tensor | None = None) -> float:
+    """Median seconds of ``fn`` on the current stream (``fn`` makes the current stream wait for its work).
+
+    With ``flush``, that buffer is zeroed before each timed run, outside the timed interval, so no run finds
+    its inputs in L2 from the previous one (DeepEP's method)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
+        if flush is not None:
+            flush.zero_()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
@@ -148,15 +161,16 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
     sweep = sorted({int(s) for s in str(getattr(args, "cuda_sm_sweep", "2,4,8,12,16")).split(",") if s} | {headline})
     sweep = [s for s in sweep if s * world <= total_sms] or [max(1, total_sms // world)]
     records: list[dict[str, Any]] = []
+    flush = _l2_flush_buffer()
     for op, per_rank, dtype, fn in (
         ("dispatch", setup.dispatch_bytes, "float8_e4m3fn", setup.dispatch),
         ("combine", setup.combine_bytes, "bfloat16", setup.combine),
     ):
         row_bytes = per_rank[0] // max(setup.rows[0], 1)
         for sms in sweep:
-            t_op = _time(lambda s=sms, f=fn: f(s), warmup, iters)
+            t_op = _time(lambda s=sms, f=fn: f(s), warmup, iters, flush)
             setup.emu.raise_if_failed(op)
-            t_copy = _time(_copy_baseline(setup, per_rank, sms), warmup, iters)
+            t_copy = _time(_copy_baseline(setup, per_rank, sms), warmup, iters, flush)
             ratio = t_copy / t_op
             records.append(_record(
                 op=op if sms == headline else f"{op}_sweep", dtype=dtype, num_sms=sms, time_s_median=t_op,
@@ -193,6 +207,7 @@ def run_suite(args: argparse.Namespace) -> list[dict[str, Any]]:
                            kept_fraction=kept, comm_sms_total=comm_sms, comm_sms_per_rank=per_rank_sms, **shape))
     print(f"overlap: matmul keeps {kept:.3f} of solo with {comm_sms} comm SMs (target {target:.3f})", flush=True)
     setup.emu.destroy()
+    del flush
 
     plot = getattr(args, "cuda_plot", None) or (Path(args.json).with_suffix(".png") if getattr(args, "json", None) else None)
     if plot is not None:
