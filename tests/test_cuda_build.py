@@ -51,9 +51,16 @@ def test_kernel_launchers_check_arguments_before_launching():
     ext = _ext()
     view = (1, 0, 2, 1 << 20, 1 << 20, 1, 0, 1000, 1)
     with pytest.raises(RuntimeError, match="view.peers"):
-        ext.dispatch_send((0, *view[1:]), 1, 0, 0, 0, 1, 1, 1, 4, 64, 0, 0, 1, 10, 1, 0)
+        ext.dispatch_send((0, *view[1:]), 1, 0, 0, 0, 1, 1, 1, 4, 64, 0, 0, 1, 10, ext.NO_CAST, 1, 0)
     with pytest.raises(RuntimeError, match="row_bytes"):
-        ext.dispatch_send(view, 1, 0, 0, 0, 1, 1, 1, 4, 24, 0, 0, 1, 10, 1, 0)
+        ext.dispatch_send(view, 1, 0, 0, 0, 1, 1, 1, 4, 24, 0, 0, 1, 10, ext.NO_CAST, 1, 0)
+    # The fused FP8 cast (x = 16, aligned; H = 64 FP8 bytes): a bf16/fp16/fp32 source, no given scales, ceil(H/128).
+    with pytest.raises(RuntimeError, match="cast_dtype"):
+        ext.dispatch_send(view, 16, 0, 0, 0, 1, 1, 1, 4, 64, 1, 0, 1, 10, 3, 1, 0)
+    with pytest.raises(RuntimeError, match="x_scales"):
+        ext.dispatch_send(view, 16, 16, 0, 0, 1, 1, 1, 4, 64, 1, 0, 1, 10, 0, 1, 0)
+    with pytest.raises(RuntimeError, match="num_scales"):
+        ext.dispatch_send(view, 16, 0, 0, 0, 1, 1, 1, 4, 64, 2, 0, 1, 10, 2, 1, 0)
     with pytest.raises(RuntimeError, match="num_ranks"):
         ext.dispatch_recv((1, 0, 9, 1 << 20, 1 << 20, 1, 0, 1000, 1), 1, 0, 0, 0, 1, 1, 1, 4, 64, 0, 0, 10, 1, 0)
     with pytest.raises(RuntimeError, match="capacity_rows"):

@@ -82,6 +82,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("HEADER_BYTES") = kHeaderBytes;
   m.attr("MAX_RANKS") = kMaxRanks;
   m.attr("MAX_TOPK") = kMaxTopk;
+  m.attr("NO_CAST") = int(kNoCast);
   py::dict slots;
   slots["dispatch_flag"] = int(kSlotDispatchFlag);
   slots["dispatch_count"] = int(kSlotDispatchCount);
@@ -113,7 +114,8 @@ PYBIND11_MODULE(_C, m) {
       "dispatch_send",
       [](py::tuple view, uint64_t x, uint64_t x_scales, uint64_t topk_idx, uint64_t topk_weights,
          uint64_t is_token_in_rank, uint64_t send_pos, uint64_t num_tokens_per_rank, int num_tokens, int row_bytes,
-         int num_scales, int num_topk, int experts_per_rank, int capacity_rows, int num_sms, uint64_t stream) {
+         int num_scales, int num_topk, int experts_per_rank, int capacity_rows, int cast_dtype, int num_sms,
+         uint64_t stream) {
         DispatchSendArgs a{peer_view(view),
                            as_ptr<const void>(x, "x", true),
                            as_ptr<const float>(x_scales, "x_scales", true),
@@ -122,13 +124,14 @@ PYBIND11_MODULE(_C, m) {
                            as_ptr<const bool>(is_token_in_rank, "is_token_in_rank", true),
                            as_ptr<const int>(send_pos, "send_pos", true),
                            as_ptr<const int>(num_tokens_per_rank, "num_tokens_per_rank"),
-                           num_tokens, row_bytes, num_scales, num_topk, experts_per_rank, capacity_rows};
+                           num_tokens, row_bytes, num_scales, num_topk, experts_per_rank, capacity_rows,
+                           cast_dtype};
         launch_dispatch_send(a, num_sms, as_stream(stream));
       },
       py::arg("view"), py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"), py::arg("topk_weights"),
       py::arg("is_token_in_rank"), py::arg("send_pos"), py::arg("num_tokens_per_rank"), py::arg("num_tokens"),
       py::arg("row_bytes"), py::arg("num_scales"), py::arg("num_topk"), py::arg("experts_per_rank"),
-      py::arg("capacity_rows"), py::arg("num_sms"), py::arg("stream"));
+      py::arg("capacity_rows"), py::arg("cast_dtype"), py::arg("num_sms"), py::arg("stream"));
   m.def(
       "dispatch_recv",
       [](py::tuple view, uint64_t recv_x, uint64_t recv_scales, uint64_t recv_topk_idx, uint64_t recv_topk_weights,

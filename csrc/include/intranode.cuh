@@ -25,8 +25,8 @@ struct PeerView {
 
 struct DispatchSendArgs {
   PeerView view;
-  const void* x;               // [T, row_bytes]
-  const float* x_scales;       // [T, S] or null
+  const void* x;               // [T, row_bytes]; with cast_dtype, [T, H = row_bytes] of that dtype
+  const float* x_scales;       // [T, S] or null (null with cast_dtype: the kernel computes them)
   const int64_t* topk_idx;     // [T, K] global expert ids or null (cached dispatch / no top-k)
   const float* topk_weights;   // [T, K] or null
   const bool* is_token_in_rank;  // [T, R]
@@ -38,6 +38,7 @@ struct DispatchSendArgs {
   int num_topk;
   int experts_per_rank;
   int capacity_rows;           // rows a dispatch region holds for this record size
+  int cast_dtype;              // kNoCast, or the DType (bf16/fp16/fp32) of x to cast to FP8 e4m3 while sending
 };
 
 struct DispatchRecvArgs {
@@ -66,8 +67,8 @@ struct CombineSendArgs {
   int capacity_rows;
 };
 
-// dtype codes for the combine reduction.
-enum DType : int { kBFloat16 = 0, kFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+// dtype codes for the combine reduction and the dispatch's fused FP8 cast.
+enum DType : int { kNoCast = -1, kBFloat16 = 0, kFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
 
 struct CombineRecvArgs {
   PeerView view;

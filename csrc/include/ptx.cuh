@@ -1,7 +1,11 @@
 // Device helpers shared by every kernel family: memory ordering (system scope, since peers may be other
-// GPUs through NVLink/IPC mappings), bounded waits with a host-visible timeout record, block completion.
+// GPUs through NVLink/IPC mappings), bounded waits with a host-visible timeout record, block completion, warp
+// copies, the FP8 cast.
 #pragma once
 #include <cstdint>
+#ifdef __CUDACC__
+#include <cuda_fp8.h>
+#endif
 
 namespace moe_comm {
 
@@ -24,6 +28,8 @@ struct TimeoutRecord {
   long long expected;
   long long observed;
 };
+
+constexpr int kFp8Block = 128;  // channels per FP8 scale (see fp8_scale_of)
 
 #ifdef __CUDACC__
 __device__ __forceinline__ int ld_acquire_sys(const int* p) {
@@ -118,6 +124,14 @@ __device__ __forceinline__ void warp_copy16(void* dst, const void* src, size_t b
     for (int u = 0; u < kCopyUnroll; ++u) d[i + 32 * u] = v[u];
   }
   for (; i < n; i += 32) d[i] = s[i];
+}
+
+// FP8 (e4m3) per-token cast with one float32 scale per kFp8Block channels, shared by the standalone cast
+// kernel and the dispatch send kernel's fused cast: scale = max(amax, 1e-4) / 448, q = x / scale (IEEE
+// division), rounded to nearest even with saturation. Bit-exact with moe_comm.fp8.per_token_cast_to_fp8.
+__device__ __forceinline__ float fp8_scale_of(float amax) { return fmaxf(amax, 1e-4f) / 448.0f; }
+__device__ __forceinline__ uint8_t fp8_e4m3_of(float v, float scale) {
+  return __nv_cvt_float_to_fp8(v / scale, __NV_SATFINITE, __NV_E4M3);
 }
 #endif  // __CUDACC__
 

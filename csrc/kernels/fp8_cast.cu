@@ -6,12 +6,13 @@
 #include <algorithm>
 #include "../include/exception.cuh"
 #include "../include/intranode.cuh"
+#include "../include/ptx.cuh"
 
 namespace moe_comm {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kBlock = 128;  // channels per scale
+constexpr int kBlock = kFp8Block;  // channels per scale
 
 __device__ __forceinline__ float load_as_float(const void* x, int dtype, size_t i) {
   switch (dtype) {
@@ -41,11 +42,11 @@ __global__ void per_token_cast_kernel(const void* x, int dtype, int num_tokens, 
     }
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    const float scale = fmaxf(amax, 1e-4f) / 448.0f;
+    const float scale = fp8_scale_of(amax);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int c = b * kBlock + lane * 4 + k;
-      if (c < hidden) out[size_t(t) * hidden + c] = __nv_cvt_float_to_fp8(vals[k] / scale, __NV_SATFINITE, __NV_E4M3);
+      if (c < hidden) out[size_t(t) * hidden + c] = fp8_e4m3_of(vals[k], scale);
     }
     if (lane == 0) scales[size_t(t) * num_blocks + b] = scale;
   }

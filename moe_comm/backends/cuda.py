@@ -331,19 +331,20 @@ class CudaBackend(CommBackend):
         epr = num_experts // world
         slots = world * max_tokens
         per_rank, _, in_rank = self.get_dispatch_layout(topk_idx, num_experts)
-        payload, scales = ops.per_token_cast_fp8(x, sms) if use_fp8 else (x, None)
-        num_scales = 0 if scales is None else scales.shape[1]
+        # With FP8 the send kernel casts each row as it sends it (one read of x, no FP8 copy in between).
+        wire_dtype = torch.float8_e4m3fn if use_fp8 else x.dtype
+        num_scales = -(-hidden // 128) if use_fp8 else 0
         plan = ops.make_plan(in_rank, per_rank, max_tokens, slots)
-        record = ops.dispatch_record_bytes(ops.row_bytes_of(payload), num_scales, num_topk)
+        record = ops.dispatch_record_bytes(ops.row_bytes_of(x, wire_dtype), num_scales, num_topk)
         mem = self._buffers("low_latency_dispatch", max_tokens * record, 0)
         epoch = mem.next_epoch("dispatch")
-        rows = ops.allocate_dispatch_outputs(plan, payload, num_scales, num_topk, False, with_src=True, padded=True)
+        rows = ops.allocate_dispatch_outputs(plan, x, num_scales, num_topk, False, with_src=True, padded=True, dtype=wire_dtype)
         stream = torch.cuda.current_stream(self._device)
-        ops.dispatch_send(mem, plan, epoch, payload, scales, topk_idx, None, epr, sms, stream)
+        ops.dispatch_send(mem, plan, epoch, x, None, topk_idx, None, epr, sms, stream, cast_fp8=use_fp8)
 
         dev = self._device
-        recv_x = torch.empty(epr, slots, hidden, dtype=payload.dtype, device=dev)
-        recv_scales = torch.empty(epr, slots, num_scales, dtype=torch.float32, device=dev) if scales is not None else None
+        recv_x = torch.empty(epr, slots, hidden, dtype=wire_dtype, device=dev)
+        recv_scales = torch.empty(epr, slots, num_scales, dtype=torch.float32, device=dev) if use_fp8 else None
         recv_count = torch.empty(epr, dtype=torch.int32, device=dev)
         src_token_idx = torch.empty(epr, slots, dtype=torch.int32, device=dev)
         src_rank = torch.empty(epr, slots, dtype=torch.int32, device=dev)

@@ -106,11 +106,14 @@ class MultiRankEmulator:
         num_experts: int = 0,
         num_sms: int = 20,
         outputs: Sequence[ops.DispatchOutputs] | None = None,
+        cast_fp8: bool = False,
     ) -> list[ops.DispatchOutputs]:
         """Dispatch every rank's ``x[r] [T_r, H]``; returns each rank's receive outputs.
 
-        The work runs on the ranks' streams after the caller's current stream; call :meth:`lead` (or
-        synchronise) before using the outputs."""
+        With ``cast_fp8`` (no ``x_scales``), the send kernels cast the bf16/fp16/fp32 rows to FP8 with per-128-
+        channel scales as they send them (the outputs are FP8 rows and their scales). The work runs on the
+        ranks' streams after the caller's current stream; call :meth:`lead` (or synchronise) before using the
+        outputs."""
         r = self.num_ranks
         none: list[None] = [None] * r
         scales = list(x_scales) if x_scales is not None else none
@@ -118,9 +121,9 @@ class MultiRankEmulator:
         weights = list(topk_weights) if topk_weights is not None else none
         if outputs is None:
             outputs = [
-                ops.allocate_dispatch_outputs(plans[d], x[d], 0 if scales[d] is None else scales[d].shape[1],
+                ops.allocate_dispatch_outputs(plans[d], x[d], self._num_scales(x[d], scales[d], cast_fp8),
                                               0 if idx[d] is None else idx[d].shape[1], weights[d] is not None,
-                                              with_src=True, padded=False)
+                                              with_src=True, padded=False, dtype=torch.float8_e4m3fn if cast_fp8 else None)
                 for d in range(r)
             ]
         epochs = [buf.next_epoch("dispatch") for buf in self.buffers]
@@ -129,12 +132,19 @@ class MultiRankEmulator:
         for rank in range(r):
             with torch.cuda.stream(self.streams[rank]):
                 ops.dispatch_send(self.buffers[rank], plans[rank], epochs[rank], x[rank], scales[rank], idx[rank],
-                                  weights[rank], num_experts // r if num_experts else 1, num_sms, self.streams[rank])
+                                  weights[rank], num_experts // r if num_experts else 1, num_sms, self.streams[rank],
+                                  cast_fp8=cast_fp8)
         self.join()
         for rank in range(r):
             with torch.cuda.stream(self.streams[rank]):
                 ops.dispatch_recv(self.buffers[rank], plans[rank], epochs[rank], outputs[rank], num_sms, self.streams[rank])
         return list(outputs)
+
+    @staticmethod
+    def _num_scales(x: torch.Tensor, scales: torch.Tensor | None, cast_fp8: bool) -> int:
+        if cast_fp8:
+            return -(-x.shape[1] // 128)
+        return 0 if scales is None else scales.shape[1]
 
     def combine(
         self,

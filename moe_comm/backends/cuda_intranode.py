@@ -54,11 +54,13 @@ def dtype_code(dtype: torch.dtype) -> int:
     return _DTYPE_CODES[dtype]
 
 
-def row_bytes_of(x: torch.Tensor) -> int:
-    """Bytes of one row of ``x [rows, H]``; the kernels move rows in 16-byte vectors."""
-    nbytes = x.shape[1] * x.element_size()
+def row_bytes_of(x: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+    """Bytes of one row of ``x [rows, H]`` (as ``dtype`` when given: the FP8 row a fused cast sends); the kernels
+    move rows in 16-byte vectors."""
+    dtype = dtype or x.dtype
+    nbytes = x.shape[1] * dtype.itemsize
     if nbytes == 0 or nbytes % 16:
-        raise ValueError(f"x: a row of {x.shape[1]} x {x.dtype} is {nbytes} bytes; the CUDA backend needs a positive multiple of 16")
+        raise ValueError(f"x: a row of {x.shape[1]} x {dtype} is {nbytes} bytes; the CUDA backend needs a positive multiple of 16")
     return nbytes
 
 
@@ -127,9 +129,11 @@ def allocate_dispatch_outputs(
     has_weights: bool,
     with_src: bool,
     padded: bool,
+    dtype: torch.dtype | None = None,
 ) -> DispatchOutputs:
-    """Outputs of ``plan.num_recv_rows`` rows; in worst-case mode (``padded``) filled with the padding values
-    (zeros, top-k id -1, source -1) so the kernel only writes the valid rows."""
+    """Outputs of ``plan.num_recv_rows`` rows of ``x``'s width (and of ``dtype``, default ``x``'s: FP8 for a
+    fused cast); in worst-case mode (``padded``) filled with the padding values (zeros, top-k id -1, source -1)
+    so the kernel only writes the valid rows."""
     rows, hidden, dev = plan.num_recv_rows, x.shape[1], x.device
     new = torch.zeros if padded else torch.empty
 
@@ -141,7 +145,7 @@ def allocate_dispatch_outputs(
         src_idx = ids(1).squeeze(1).to(torch.int32) if padded else torch.empty(rows, dtype=torch.int32, device=dev)
         src_rank = torch.full((rows,), -1, dtype=torch.int32, device=dev) if padded else torch.empty(rows, dtype=torch.int32, device=dev)
     return DispatchOutputs(
-        recv_x=new(rows, hidden, dtype=x.dtype, device=dev),
+        recv_x=new(rows, hidden, dtype=dtype or x.dtype, device=dev),
         recv_scales=new(rows, num_scales, dtype=torch.float32, device=dev) if num_scales else None,
         recv_topk_idx=ids(num_topk) if num_topk else None,
         recv_topk_weights=new(rows, num_topk, dtype=torch.float32, device=dev) if num_topk and has_weights else None,
@@ -162,19 +166,34 @@ def dispatch_send(
     experts_per_rank: int,
     num_sms: int,
     stream: torch.cuda.Stream,
+    cast_fp8: bool = False,
 ) -> None:
-    """Write this rank's token records into every destination's region (x ``[T, H]``, FP8 with ``x_scales``)."""
-    row_bytes = row_bytes_of(x)
+    """Write this rank's token records into every destination's region (x ``[T, H]``, FP8 with ``x_scales``).
+
+    With ``cast_fp8``, ``x`` is bf16, fp16 or fp32 (and ``x_scales`` None): the kernel casts each row to FP8 e4m3
+    with one scale per 128 channels as it sends it, bit-exact with :func:`moe_comm.fp8.per_token_cast_to_fp8`,
+    so the records (and the receive side) are those of dispatching ``per_token_cast_fp8(x)``."""
+    cast_dtype = _ext().NO_CAST
+    if cast_fp8:
+        if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x_scales is not None:
+            raise ValueError(f"x: the fused FP8 cast reads bf16, fp16 or fp32 rows without scales, got {x.dtype}"
+                             f"{' with x_scales' if x_scales is not None else ''}")
+        cast_dtype = dtype_code(x.dtype)
+        row_bytes = row_bytes_of(x, torch.float8_e4m3fn)
+        num_scales = -(-x.shape[1] // 128)
+    else:
+        row_bytes = row_bytes_of(x)
+        num_scales = 0 if x_scales is None else x_scales.shape[1]
     if x.data_ptr() % 16:
         x = x.clone()
-    num_scales = 0 if x_scales is None else x_scales.shape[1]
     num_topk = 0 if topk_idx is None else topk_idx.shape[1]
     record = dispatch_record_bytes(row_bytes, num_scales, num_topk)
     with buf.launch("dispatch_send", epoch, num_sms) as view:
         _ext().dispatch_send(
             view, _ptr(x), _ptr(x_scales), _ptr(topk_idx), _ptr(topk_weights),
             _ptr(plan.is_token_in_rank), _ptr(plan.send_pos), plan.num_tokens_per_rank.data_ptr(), x.shape[0], row_bytes,
-            num_scales, num_topk, experts_per_rank, buf.capacity_rows(record, "dispatch"), num_sms, stream.cuda_stream,
+            num_scales, num_topk, experts_per_rank, buf.capacity_rows(record, "dispatch"), cast_dtype, num_sms,
+            stream.cuda_stream,
         )
 
 

@@ -214,9 +214,10 @@ def check_worst_case(world: int, case: Case) -> None:
 
 
 def check_fp8(world: int, case: Case) -> None:
-    """test_fp8_records_bit_exact and test_fp8_cast_kernel_bit_exact: the device cast (``ops.per_token_cast_fp8``)
-    equals :func:`per_token_cast_to_fp8` bitwise, and dispatching its FP8 rows with their scales delivers the
-    oracle's rows cast the same way."""
+    """test_fp8_records_bit_exact, test_fused_fp8_cast_dispatch_bit_exact and test_fp8_cast_kernel_bit_exact: the
+    device cast (``ops.per_token_cast_fp8``) equals :func:`per_token_cast_to_fp8` bitwise, and dispatching its FP8
+    rows with their scales, or the rows themselves with the send kernels' fused cast, delivers the oracle's rows
+    cast the same way."""
     xs, idxs, _ = _inputs(case, world)
     for hidden, dtype in ((200, torch.float32), (128, torch.bfloat16)):  # a partial and a whole scale block
         x = (torch.randn(9, hidden, generator=torch.Generator().manual_seed(hidden)) * torch.logspace(-3, 3, 9).unsqueeze(1)).to(dtype)
@@ -232,13 +233,18 @@ def check_fp8(world: int, case: Case) -> None:
     outs = issued(emu, "fp8 dispatch", lambda: emu.dispatch(plans, [c[0] for c in casts], x_scales=[c[1] for c in casts],
                                                             topk_idx=idxs, num_experts=num_experts, num_sms=2))
     emu.raise_if_failed("dispatch")
-    for d, out in enumerate(outs):
+    # The fused cast: the send kernels cast the bf16 rows themselves and deliver the same records.
+    fused = issued(emu, "fused-cast dispatch", lambda: emu.dispatch(plans, xs, topk_idx=idxs, num_experts=num_experts,
+                                                                    num_sms=2, cast_fp8=True))
+    emu.raise_if_failed("fused-cast dispatch")
+    for d, (out, fused_out) in enumerate(zip(outs, fused, strict=True)):
         exp = expected_receive(case, d, world)
         data, scales = per_token_cast_to_fp8(exp["x"])
-        _assert_same(out.recv_x, data, f"rank {d} FP8 rows")
-        _assert_same(out.recv_scales, scales, f"rank {d} FP8 scales")
-        _assert_same(out.recv_topk_idx, exp["topk_idx"], f"rank {d} recv_topk_idx")
-        assert out.recv_topk_weights is None
+        for label, got in (("", out), ("fused-cast ", fused_out)):
+            _assert_same(got.recv_x, data, f"rank {d} {label}FP8 rows")
+            _assert_same(got.recv_scales, scales, f"rank {d} {label}FP8 scales")
+            _assert_same(got.recv_topk_idx, exp["topk_idx"], f"rank {d} {label}recv_topk_idx")
+            assert got.recv_topk_weights is None
     emu.destroy()
 
 

@@ -38,13 +38,15 @@ from typing import Any
 
 import torch
 
+from moe_comm.fp8 import per_token_cast_to_fp8
+
 __all__ = ["DeviceMemory", "KernelModel", "PeerView", "RecordLayout", "model_extension", "raw"]
 
 # csrc/include/layout.cuh KernelId: the finished-block counter of each kernel is header slot blocks_done + id.
 KERNEL_IDS = {"dispatch_send": 0, "dispatch_recv": 1, "combine_send": 2, "combine_recv": 3}
-# csrc/include/intranode.cuh DType: the combine reduction's row dtype by code.
+# csrc/include/intranode.cuh DType: the combine reduction's row dtype, and the fused FP8 cast's source dtype, by code.
 COMBINE_DTYPES = {0: torch.bfloat16, 1: torch.float16, 2: torch.float32, 3: torch.float64}
-FP8_BLOCK = 128  # csrc/kernels/fp8_cast.cu kBlock: channels per scale
+FP8_BLOCK = 128  # csrc/include/ptx.cuh kFp8Block: channels per scale
 FP8_MAX = 448.0
 IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
 POLL_S = 1e-4  # sleep between polls of a spin wait (the ranks share a few CPU cores)
@@ -311,22 +313,31 @@ class KernelModel:
 
     def dispatch_send(self, view: tuple, x: int, x_scales: int, topk_idx: int, topk_weights: int,
                       is_token_in_rank: int, send_pos: int, num_tokens_per_rank: int, num_tokens: int, row_bytes: int,
-                      num_scales: int, num_topk: int, experts_per_rank: int, capacity_rows: int, num_sms: int,
-                      stream: int) -> None:
+                      num_scales: int, num_topk: int, experts_per_rank: int, capacity_rows: int, cast_dtype: int,
+                      num_sms: int, stream: int) -> None:
         call_binding(self.real.dispatch_send, view, x, x_scales, topk_idx, topk_weights, is_token_in_rank, send_pos,
                      num_tokens_per_rank, num_tokens, row_bytes, num_scales, num_topk, experts_per_rank,
-                     capacity_rows, num_sms, stream)
+                     capacity_rows, cast_dtype, num_sms, stream)
         self.on_launch("dispatch_send", stream)
         v = self._view(view)
         if not self._wait_all_ranks(v, self.slot["dispatch_free"], v.epoch - 1, self.phase["dispatch_free"]):
             return
         rec = self._record(row_bytes, num_scales, num_topk)
         ranks = v.num_ranks
+        cast = cast_dtype != self.real.NO_CAST
         for t, slots in self._token_slots(v, is_token_in_rank, send_pos, num_tokens, capacity_rows):
+            if cast:  # the fused cast: x holds [T, H] of the cast dtype, H = row_bytes FP8 bytes
+                source = COMBINE_DTYPES[cast_dtype]
+                assert (x + t * row_bytes * source.itemsize) % 16 == 0, "misaligned 16-byte load of a row to cast"
+                fp8_row, row_scales = per_token_cast_to_fp8(raw(x + t * row_bytes * source.itemsize, row_bytes, source).unsqueeze(0))
             for d, pos in slots:
                 dst = v.dispatch_region(d, v.rank) + pos * rec.bytes
                 self.memory.check_range(dst, rec.bytes)
-                warp_copy16(dst, x + t * row_bytes, row_bytes)
+                if cast:
+                    raw(dst, row_bytes, torch.uint8)[:] = fp8_row.view(torch.uint8)[0]
+                    raw(dst + rec.scales, num_scales, torch.float32)[:] = row_scales[0]
+                else:
+                    warp_copy16(dst, x + t * row_bytes, row_bytes)
                 if x_scales:
                     raw(dst + rec.scales, num_scales, torch.float32)[:] = raw(x_scales + t * num_scales * 4, num_scales, torch.float32)
                 if topk_idx and num_topk:

@@ -113,6 +113,31 @@ def test_fp8_records_bit_exact():
     emu.destroy()
 
 
+@pytest.mark.parametrize("hidden", [7168, 208], ids=["H7168", "H208-partial-block"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_fused_fp8_cast_dispatch_bit_exact(hidden, dtype):
+    """The send kernels' fused cast delivers what casting first (moe_comm.fp8) and dispatching delivers."""
+    world, topk, epr = 4, 8, 8
+    num_experts = world * epr
+    data = [_inputs(r, 37, hidden, topk, num_experts, seed=6) for r in range(world)]
+    xs = [(d[0].float() * torch.logspace(-3, 3, 37).unsqueeze(1)).to(dtype) for d in data]
+    xs[1][5] = 0  # an all-zero row takes the 1e-4 floor
+    emu = MultiRankEmulator(world, *MultiRankEmulator.region_bytes_for(37, hidden, torch.float8_e4m3fn, -(-hidden // 128), topk, torch.bfloat16))
+    dev = emu.device
+    plans = emu.plan([d[1].to(dev) for d in data], num_experts, num_sms=2)
+    outs = emu.dispatch(plans, [x.to(dev) for x in xs], topk_idx=[d[1].to(dev) for d in data], num_experts=num_experts,
+                        num_sms=3, cast_fp8=True)
+    torch.cuda.synchronize()
+    emu.raise_if_failed("fused-cast dispatch")
+    fp8 = [per_token_cast_to_fp8(x) for x in xs]
+    for d in range(world):
+        exp_rows = torch.cat([fp8[s][0][plans[s].is_token_in_rank[:, d].cpu()] for s in range(world)])
+        exp_scales = torch.cat([fp8[s][1][plans[s].is_token_in_rank[:, d].cpu()] for s in range(world)])
+        assert torch.equal(outs[d].recv_x.cpu().view(torch.uint8), exp_rows.view(torch.uint8)), f"rank {d}: FP8 rows differ"
+        assert torch.equal(outs[d].recv_scales.cpu(), exp_scales), f"rank {d}: scales differ"
+    emu.destroy()
+
+
 @pytest.mark.parametrize("hidden", [7168, 200, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_fp8_cast_kernel_bit_exact(hidden, dtype):
