@@ -2,6 +2,7 @@
 
 Environment:
     MOE_COMM_CUDA_ARCHS: semicolon/comma separated SM versions (default "90" -> sm_90).
+    MAX_JOBS: at most this many nvcc processes at once (default: one per core).
     MOE_COMM_SKIP_CUDA=1: skip the extension even when nvcc exists (and tolerate a failing build).
     CUDA_HOME / CUDA_PATH: where CUDA lives (else found from nvcc on PATH).
 A present nvcc whose compilation fails FAILS the install, so broken CUDA code is caught in CI.
@@ -10,6 +11,7 @@ The CUDA runtime is linked statically, so importing on a CPU-only machine works.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -63,7 +65,7 @@ class NvccBuildExt(build_ext):
                   f"-DMOE_COMM_ARCHS=\"{';'.join('sm_' + a for a in archs)}\""]
         build_tmp = Path(self.build_temp) / "moe_comm_C"
         build_tmp.mkdir(parents=True, exist_ok=True)
-        objects = []
+        commands, objects = [], []
         for src in ext.sources:
             obj = build_tmp / (Path(src).stem + Path(src).suffix.replace(".", "_") + ".o")
             cmd = [nvcc, "-c", str(src), "-o", str(obj), *common, *includes]
@@ -71,9 +73,17 @@ class NvccBuildExt(build_ext):
                 cmd += [*gencode, "--expt-relaxed-constexpr", "-lineinfo"]
             else:
                 cmd += ["-x", "c++"]
-            print(" ".join(cmd), flush=True)
-            subprocess.check_call(cmd)
+            commands.append(cmd)
             objects.append(str(obj))
+        # One nvcc per source, as many at once as there are cores (MAX_JOBS caps it, as for torch extensions).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        jobs = int(os.environ.get("MAX_JOBS") or cores)
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(jobs, len(commands)))) as pool:
+            for cmd in commands:
+                print(" ".join(cmd), flush=True)
+            failed = [cmd for cmd, rc in zip(commands, pool.map(subprocess.call, commands), strict=True) if rc != 0]
+        if failed:
+            raise subprocess.CalledProcessError(1, [cmd[2] for cmd in failed])
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
         link = [nvcc, "-shared", "-o", str(out), *objects, *gencode, "-cudart", "static",
