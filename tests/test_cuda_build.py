@@ -69,6 +69,17 @@ def test_kernel_launchers_check_arguments_before_launching():
         ext.combine_recv(view, 1, 1, 0, 0, 1, 0, 4, 3, 0, 10, 0, 1, 0)
     with pytest.raises(RuntimeError, match="epoch"):
         ext.combine_recv((1, 0, 2, 1 << 20, 1 << 20, 0, 0, 1000, 1), 1, 1, 0, 0, 1, 0, 4, 64, 0, 10, 0, 1, 0)
+    # expert_major(x, scales, local_ids, src_idx, src_rank, out_x, out_scales, recv_count, out_src_idx, out_src_rank,
+    #              layout_range, slot_of, row_of, N, row_bytes, S, K, E, R, num_sms, stream)
+    args = [16, 0, 16, 16, 16, 16, 0, 16, 16, 16, 16, 16, 16, 4, 64, 0, 8, 2, 2, 1, 0]
+    with pytest.raises(RuntimeError, match="num_topk"):
+        ext.expert_major(*args[:16], 0, *args[17:])
+    with pytest.raises(RuntimeError, match="layout_range"):
+        ext.expert_major(*args[:10], 0, *args[11:])
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        ext.expert_major(8, *args[1:])
+    with pytest.raises(RuntimeError, match="scales"):
+        ext.expert_major(*args[:15], 2, *args[16:])
     with pytest.raises(RuntimeError, match="view: expected a 9-tuple"):
         ext.combine_send((1, 2), 1, 0, 1, 64, 0, 10, 1, 0)
 

@@ -182,6 +182,34 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out"), py::arg("out_weights"), py::arg("num_tokens"), py::arg("hidden"), py::arg("num_topk"),
       py::arg("capacity_rows"), py::arg("dtype"), py::arg("num_sms"), py::arg("stream"));
   m.def(
+      "expert_major",
+      [](uint64_t x, uint64_t scales, uint64_t local_ids, uint64_t src_idx, uint64_t src_rank, uint64_t out_x,
+         uint64_t out_scales, uint64_t recv_count, uint64_t out_src_idx, uint64_t out_src_rank, uint64_t layout_range,
+         uint64_t slot_of, uint64_t row_of, int num_rows, int row_bytes, int num_scales, int num_topk, int num_experts,
+         int num_ranks, int num_sms, uint64_t stream) {
+        const bool empty = num_rows == 0;
+        ExpertMajorArgs a{as_ptr<const void>(x, "x", empty),
+                          as_ptr<const float>(scales, "scales", true),
+                          as_ptr<const int64_t>(local_ids, "local_ids", empty),
+                          as_ptr<const int>(src_idx, "src_idx", empty),
+                          as_ptr<const int>(src_rank, "src_rank", empty),
+                          as_ptr<void>(out_x, "out_x", empty),
+                          as_ptr<float>(out_scales, "out_scales", true),
+                          as_ptr<int>(recv_count, "recv_count"),
+                          as_ptr<int>(out_src_idx, "out_src_idx", empty),
+                          as_ptr<int>(out_src_rank, "out_src_rank", empty),
+                          as_ptr<int>(layout_range, "layout_range"),
+                          as_ptr<int64_t>(slot_of, "slot_of", empty),
+                          as_ptr<int>(row_of, "row_of", empty),
+                          num_rows, row_bytes, num_scales, num_topk, num_experts, num_ranks};
+        launch_expert_major(a, num_sms, as_stream(stream));
+      },
+      py::arg("x"), py::arg("scales"), py::arg("local_ids"), py::arg("src_idx"), py::arg("src_rank"), py::arg("out_x"),
+      py::arg("out_scales"), py::arg("recv_count"), py::arg("out_src_idx"), py::arg("out_src_rank"),
+      py::arg("layout_range"), py::arg("slot_of"), py::arg("row_of"), py::arg("num_rows"), py::arg("row_bytes"),
+      py::arg("num_scales"), py::arg("num_topk"), py::arg("num_experts"), py::arg("num_ranks"), py::arg("num_sms"),
+      py::arg("stream"));
+  m.def(
       "per_token_cast_fp8",
       [](uint64_t x, int dtype, int num_tokens, int hidden, uint64_t out_fp8, uint64_t out_scales, int num_sms,
          uint64_t stream) {

@@ -85,6 +85,29 @@ struct CombineRecvArgs {
   int dtype;                   // DType
 };
 
+// Low-latency receive: the rows of a padded dispatch, in (source rank, token) order, rearranged expert-major.
+struct ExpertMajorArgs {
+  const void* x;               // [N, row_bytes]: the dispatch's recv_x (N = R * max tokens per rank)
+  const float* scales;         // [N, S] or null
+  const int64_t* local_ids;    // [N, K]: local expert ids, -1 elsewhere and on padding rows
+  const int* src_idx;          // [N]
+  const int* src_rank;         // [N]
+  void* out_x;                 // [E, N, row_bytes]: expert e's rows in slots [0, recv_count[e]), the rest untouched
+  float* out_scales;           // [E, N, S] or null
+  int* recv_count;             // [E]
+  int* out_src_idx;            // [E, N]: -1 from slot recv_count[e] on
+  int* out_src_rank;           // [E, N]: -1 likewise
+  int* layout_range;           // [E, R, 2]: (first slot, count) of each source's rows in expert e
+  int64_t* slot_of;            // [N, K]: e * N + slot of row n in expert e = local_ids[n, k]; -1 where that is -1
+  int* row_of;                 // [E, N] scratch: the row in each slot
+  int num_rows;                // N
+  int row_bytes;
+  int num_scales;
+  int num_topk;
+  int num_experts;             // E, local experts
+  int num_ranks;
+};
+
 // Host-side checks shared by every launcher.
 inline void check_peer_view(const PeerView& v) {
   MC_CHECK(v.peers != nullptr, "peers: null peer table");
@@ -123,6 +146,7 @@ void launch_dispatch_send(const DispatchSendArgs& args, int num_sms, cudaStream_
 void launch_dispatch_recv(const DispatchRecvArgs& args, int num_sms, cudaStream_t stream);
 void launch_combine_send(const CombineSendArgs& args, int num_sms, cudaStream_t stream);
 void launch_combine_recv(const CombineRecvArgs& args, int num_sms, cudaStream_t stream);
+void launch_expert_major(const ExpertMajorArgs& args, int num_sms, cudaStream_t stream);
 
 // Per-token FP8 cast: x [T, H] (bf16/fp16/fp32 by dtype code) -> fp8 e4m3 [T, H] + scales [T, ceil(H/128)],
 // scale = max(amax, 1e-4) / 448 (moe_comm.fp8 semantics, bit-exact).

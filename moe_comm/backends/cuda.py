@@ -360,28 +360,8 @@ class CudaBackend(CommBackend):
         def receive() -> None:
             with self._on_own_stream():
                 ops.dispatch_recv(mem, plan, epoch, rows, sms, self._stream)
-                local = rows.recv_topk_idx  # [R*M, K] local expert ids, -1 elsewhere and on padding
-                assert local is not None and rows.recv_src_idx is not None and rows.recv_src_rank is not None
-                hit = torch.zeros(slots, epr + 1, dtype=torch.bool, device=dev)
-                hit.scatter_(1, local + 1, True)
-                mask = hit[:, 1:].t().contiguous()  # [E_local, R*M]
-                counts = mask.sum(dim=1)
-                recv_count.copy_(counts)
-                perm = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-                filled = torch.arange(slots, device=dev).unsqueeze(0) < counts.unsqueeze(1)
-                flat = perm.flatten()
-                recv_x.view(torch.uint8).view(epr, slots, -1).copy_(rows.recv_x.view(torch.uint8).index_select(0, flat).view(epr, slots, -1))
-                if recv_scales is not None and rows.recv_scales is not None:
-                    recv_scales.copy_(rows.recv_scales.index_select(0, flat).view(epr, slots, -1))
-                src_token_idx.copy_(torch.where(filled, rows.recv_src_idx[perm], -1))
-                src_rank.copy_(torch.where(filled, rows.recv_src_rank[perm], -1))
-                from_rank = rows.recv_src_rank.unsqueeze(0) == torch.arange(world, device=dev, dtype=torch.int32).unsqueeze(1)
-                per_source = (mask.unsqueeze(1) & from_rank.unsqueeze(0)).sum(dim=2)  # [E_local, R]
-                layout_range[:, :, 1].copy_(per_source)
-                layout_range[:, :, 0].copy_(torch.cumsum(per_source, dim=1) - per_source)
-                position = torch.cumsum(mask, dim=1) - 1  # slot of each received row within its expert
-                expert_for = local.clamp_min(0)
-                slot_of.copy_(torch.where(local >= 0, expert_for * slots + position.t().gather(1, expert_for), -1))
+                ops.expert_major(rows, recv_x, recv_scales, recv_count, src_token_idx, src_rank, layout_range, slot_of,
+                                 sms, self._stream)
             torch.cuda.current_stream(dev).wait_stream(self._stream)
             mem.raise_if_failed("low_latency_dispatch")
 

@@ -30,6 +30,7 @@ __all__ = [
     "dispatch_recv",
     "dispatch_send",
     "dtype_code",
+    "expert_major",
     "make_plan",
     "per_token_cast_fp8",
 ]
@@ -257,6 +258,40 @@ def combine_recv(
             _ptr(bias[1]), _ptr(out), _ptr(out_weights), out.shape[0], out.shape[1], num_topk,
             buf.capacity_rows(record, "combine"), dtype_code(out.dtype), num_sms, stream.cuda_stream,
         )
+
+
+def expert_major(
+    rows: DispatchOutputs,
+    recv_x: torch.Tensor,
+    recv_scales: torch.Tensor | None,
+    recv_count: torch.Tensor,
+    src_token_idx: torch.Tensor,
+    src_rank: torch.Tensor,
+    layout_range: torch.Tensor,
+    slot_of: torch.Tensor,
+    num_sms: int,
+    stream: torch.cuda.Stream,
+) -> None:
+    """Rearrange a padded dispatch's rows (``rows.recv_x [N, H]`` in source-rank, token order, local ids in
+    ``rows.recv_topk_idx [N, K]``) expert-major, in one kernel of at most ``num_sms`` blocks:
+
+    * ``recv_x [E, N, H]`` (and ``recv_scales [E, N, S]``): expert e's rows packed from slot 0, same order;
+      slots from ``recv_count[e]`` on are left as they were;
+    * ``recv_count [E]`` int32; ``src_token_idx`` / ``src_rank [E, N]`` int32, -1 past the count;
+    * ``layout_range [E, R, 2]`` int32: (first slot, count) of each source rank's rows in expert e;
+    * ``slot_of [N, K]`` int64: ``e * N + slot`` of row n in expert ``e = recv_topk_idx[n, k]``, -1 where that is -1.
+    """
+    assert rows.recv_topk_idx is not None and rows.recv_src_idx is not None and rows.recv_src_rank is not None
+    n, k = rows.recv_topk_idx.shape
+    experts = recv_x.shape[0]
+    row_of = torch.empty(experts, n, dtype=torch.int32, device=recv_x.device)  # the kernel's slot -> row scratch
+    _ext().expert_major(
+        _ptr(rows.recv_x), _ptr(rows.recv_scales), _ptr(rows.recv_topk_idx), _ptr(rows.recv_src_idx),
+        _ptr(rows.recv_src_rank), _ptr(recv_x), _ptr(recv_scales), recv_count.data_ptr(), _ptr(src_token_idx),
+        _ptr(src_rank), layout_range.data_ptr(), _ptr(slot_of), _ptr(row_of), n, row_bytes_of(rows.recv_x),
+        0 if rows.recv_scales is None else rows.recv_scales.shape[1], k, experts, layout_range.shape[1], num_sms,
+        stream.cuda_stream,
+    )
 
 
 def per_token_cast_fp8(x: torch.Tensor, num_sms: int = 132) -> tuple[torch.Tensor, torch.Tensor]:

@@ -483,6 +483,47 @@ class KernelModel:
 
     # -- csrc/kernels/fp8_cast.cu, csrc/kernels/layout.cu -----------------------------------------------
 
+    def expert_major(self, x: int, scales: int, local_ids: int, src_idx: int, src_rank: int, out_x: int, out_scales: int,
+                     recv_count: int, out_src_idx: int, out_src_rank: int, layout_range: int, slot_of: int, row_of: int,
+                     num_rows: int, row_bytes: int, num_scales: int, num_topk: int, num_experts: int, num_ranks: int,
+                     num_sms: int, stream: int) -> None:
+        call_binding(self.real.expert_major, x, scales, local_ids, src_idx, src_rank, out_x, out_scales, recv_count,
+                     out_src_idx, out_src_rank, layout_range, slot_of, row_of, num_rows, row_bytes, num_scales, num_topk,
+                     num_experts, num_ranks, num_sms, stream)
+        self.on_launch("expert_major", stream)
+        n, k = num_rows, num_topk
+        ids = raw(local_ids, n * k, torch.int64).view(n, k)
+        slots = raw(slot_of, n * k, torch.int64).view(n, k)
+        rows = raw(x, n * row_bytes, torch.uint8).view(n, row_bytes)
+        out_rows = raw(out_x, num_experts * n * row_bytes, torch.uint8).view(num_experts, n, row_bytes)
+        src, src_r = raw(src_idx, n, torch.int32), raw(src_rank, n, torch.int32)
+        out_src = raw(out_src_idx, num_experts * n, torch.int32).view(num_experts, n)
+        out_src_r = raw(out_src_rank, num_experts * n, torch.int32).view(num_experts, n)
+        counts = raw(recv_count, num_experts, torch.int32)
+        ranges = raw(layout_range, num_experts * num_ranks * 2, torch.int32).view(num_experts, num_ranks, 2)
+        if scales:
+            row_scales = raw(scales, n * num_scales, torch.float32).view(n, num_scales)
+            out_sc = raw(out_scales, num_experts * n * num_scales, torch.float32).view(num_experts, n, num_scales)
+        if n:
+            assert x % 16 == 0 and out_x % 16 == 0 and row_bytes % 16 == 0, "misaligned 16-byte row copy"
+            slots[ids < 0] = -1  # expert 0's block
+        for e in range(num_experts):  # one block per expert: rows that chose e, in row order
+            hit = (ids == e).any(dim=1).nonzero().flatten() if n else torch.empty(0, dtype=torch.int64)
+            count = hit.numel()
+            counts[e] = count
+            out_rows[e, :count] = rows[hit]
+            out_src[e, :count], out_src_r[e, :count] = src[hit], src_r[hit]
+            out_src[e, count:], out_src_r[e, count:] = -1, -1
+            if scales:
+                out_sc[e, :count] = row_scales[hit]
+            per_source = torch.bincount(src_r[hit].long(), minlength=num_ranks)[:num_ranks].to(torch.int32)
+            ranges[e, :, 1] = per_source
+            ranges[e, :, 0] = torch.cumsum(per_source, dim=0, dtype=torch.int32) - per_source
+            slot_in_e = torch.full((n,), -1, dtype=torch.int64)
+            slot_in_e[hit] = torch.arange(count)
+            chose = ids == e
+            slots[chose] = (e * n + slot_in_e).unsqueeze(1).expand(n, k)[chose]
+
     def per_token_cast_fp8(self, x: int, dtype: int, num_tokens: int, hidden: int, out_fp8: int, out_scales: int,
                            num_sms: int, stream: int) -> None:
         call_binding(self.real.per_token_cast_fp8, x, dtype, num_tokens, hidden, out_fp8, out_scales, num_sms, stream)
@@ -567,7 +608,7 @@ class KernelModel:
         self.memory.ipc_close(ptr)
 
 
-MODELLED = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv", "per_token_cast_fp8",
+MODELLED = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv", "expert_major", "per_token_cast_fp8",
             "get_dispatch_layout", "sm_copy", "device_alloc_zeroed", "device_free", "ipc_get_handle", "ipc_open_handle",
             "ipc_close_handle")
 

@@ -1,0 +1,109 @@
+// Low-latency receive: a padded dispatch delivers rows in (source rank, token) order; decode-time experts want
+// them expert-major, [E_local, R * M, H], each expert's rows packed from slot 0 in that same order. One block
+// per local expert scans the rows' local ids (a block-wide prefix count of the rows that chose the expert),
+// writes each hit's slot, source and top-k slot, then copies the rows, a warp per slot. Deterministic (no
+// atomics decide an order) and equal to the portable backend's layout.
+#include <algorithm>
+#include "../include/exception.cuh"
+#include "../include/intranode.cuh"
+#include "../include/layout.cuh"
+#include "../include/ptx.cuh"
+
+namespace moe_comm {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+__global__ void __launch_bounds__(kThreads, 1) expert_major_kernel(ExpertMajorArgs a) {
+  __shared__ int s_warp_hits[kWarps];
+  __shared__ int s_per_source[kMaxRanks];
+  __shared__ int s_filled;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const size_t n = size_t(a.num_rows);
+  for (int e = blockIdx.x; e < a.num_experts; e += gridDim.x) {
+    if (threadIdx.x < kMaxRanks) s_per_source[threadIdx.x] = 0;
+    if (threadIdx.x == 0) s_filled = 0;
+    __syncthreads();
+    // Slots: rows in order, one chunk of kThreads rows at a time (uniform trip count for the ballots).
+    for (int start = 0; start < a.num_rows; start += kThreads) {
+      const int i = start + threadIdx.x;
+      bool hit = false;
+      if (i < a.num_rows) {
+        for (int k = 0; k < a.num_topk; ++k) {
+          const int64_t id = a.local_ids[size_t(i) * a.num_topk + k];
+          hit |= id == e;
+          if (e == 0 && id < 0) a.slot_of[size_t(i) * a.num_topk + k] = -1;  // expert 0's block marks those once
+        }
+      }
+      const unsigned hits = __ballot_sync(0xffffffffu, hit);
+      if (lane == 0) s_warp_hits[warp] = __popc(hits);
+      __syncthreads();
+      int slot = s_filled + __popc(hits & ((1u << lane) - 1u));
+      for (int w = 0; w < warp; ++w) slot += s_warp_hits[w];
+      if (hit) {
+        const int s = a.src_rank[i];
+        a.row_of[e * n + slot] = i;
+        a.out_src_idx[e * n + slot] = a.src_idx[i];
+        a.out_src_rank[e * n + slot] = s;
+        atomicAdd(&s_per_source[s], 1);  // a count only: the slots are fixed by the scan
+        for (int k = 0; k < a.num_topk; ++k)
+          if (a.local_ids[size_t(i) * a.num_topk + k] == e) a.slot_of[size_t(i) * a.num_topk + k] = int64_t(e) * n + slot;
+      }
+      __syncthreads();  // everyone has read s_filled and s_warp_hits
+      if (threadIdx.x == 0) {
+        int chunk = 0;
+        for (int w = 0; w < kWarps; ++w) chunk += s_warp_hits[w];
+        s_filled += chunk;
+      }
+      __syncthreads();
+    }
+    const int count = s_filled;
+    if (threadIdx.x == 0) {
+      a.recv_count[e] = count;
+      int first = 0;
+      for (int s = 0; s < a.num_ranks; ++s) {
+        a.layout_range[(size_t(e) * a.num_ranks + s) * 2] = first;
+        a.layout_range[(size_t(e) * a.num_ranks + s) * 2 + 1] = s_per_source[s];
+        first += s_per_source[s];
+      }
+    }
+    for (int slot = count + threadIdx.x; slot < a.num_rows; slot += kThreads) {
+      a.out_src_idx[e * n + slot] = -1;
+      a.out_src_rank[e * n + slot] = -1;
+    }
+    // row_of was written by this block's threads: visible to all of them after the barrier above.
+    const uint8_t* x = static_cast<const uint8_t*>(a.x);
+    uint8_t* out_x = static_cast<uint8_t*>(a.out_x);
+    for (int slot = warp; slot < count; slot += kWarps) {
+      const int i = a.row_of[e * n + slot];
+      warp_copy16(out_x + (e * n + slot) * a.row_bytes, x + size_t(i) * a.row_bytes, a.row_bytes, lane);
+      if (a.scales != nullptr)
+        for (int c = lane; c < a.num_scales; c += 32)
+          a.out_scales[(e * n + slot) * a.num_scales + c] = a.scales[size_t(i) * a.num_scales + c];
+    }
+    __syncthreads();  // before the next expert resets the shared counters
+  }
+}
+
+}  // namespace
+
+void launch_expert_major(const ExpertMajorArgs& a, int num_sms, cudaStream_t stream) {
+  MC_CHECK(num_sms >= 1, "num_sms must be >= 1");
+  MC_CHECK(a.num_ranks >= 1 && a.num_ranks <= kMaxRanks, "num_ranks must be in [1, 8]");
+  MC_CHECK(a.num_topk >= 1 && a.num_topk <= kMaxTopk, "num_topk must be in [1, 32]");
+  MC_CHECK(a.num_rows >= 0 && a.num_experts >= 1, "num_rows must be >= 0 and num_experts >= 1");
+  MC_CHECK(a.row_bytes > 0 && a.row_bytes % 16 == 0, "row_bytes must be a positive multiple of 16");
+  MC_CHECK(a.num_scales == 0 || (a.scales != nullptr && a.out_scales != nullptr), "scales/out_scales: null pointer");
+  MC_CHECK(a.recv_count != nullptr && a.layout_range != nullptr, "recv_count/layout_range: null pointer");
+  MC_CHECK(a.num_rows == 0 || (a.x != nullptr && a.local_ids != nullptr && a.src_idx != nullptr && a.src_rank != nullptr &&
+                               a.out_x != nullptr && a.out_src_idx != nullptr && a.out_src_rank != nullptr &&
+                               a.slot_of != nullptr && a.row_of != nullptr),
+           "x/local_ids/src_idx/src_rank/out_x/out_src_idx/out_src_rank/slot_of/row_of: null pointer");
+  MC_CHECK(reinterpret_cast<uintptr_t>(a.x) % 16 == 0 && reinterpret_cast<uintptr_t>(a.out_x) % 16 == 0,
+           "x and out_x must be 16-byte aligned");
+  expert_major_kernel<<<std::min(num_sms, a.num_experts), kThreads, 0, stream>>>(a);
+  MC_LAUNCH_CHECK();
+}
+
+}  // namespace moe_comm
