@@ -10,6 +10,7 @@ OUT="${1:?usage: scripts/gpu_check.sh OUTDIR}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, for scripts run by path too
 PY="${PYTHON:-python3}"
 export MOE_COMM_CUDA_ARCHS="${MOE_COMM_CUDA_ARCHS:-90}"
 declare -A RC
@@ -36,10 +37,9 @@ step build 240 "$OUT/build.log" "$PY" setup.py build_ext --inplace
 step import 60 "$OUT/build.log" "$PY" -c "import moe_comm._C as C; print(C.compiled_architectures(), C.device_status()); from moe_comm.backends.registry import available_backends; print(available_backends())"
 step pytest_kernels 150 "$OUT/tests.log" "$PY" -m pytest -q --junitxml="$OUT/junit.xml" tests/gpu/test_torch_backend_on_gpu.py tests/gpu/test_kernels.py tests/gpu/test_cuda_emulator.py tests/test_cuda_build.py
 step pytest_conformance 200 "$OUT/tests.log" "$PY" -m pytest -q -x tests/gpu/test_cuda_conformance.py
-SAN="import torch; from moe_comm.backends.cuda_emulator import MultiRankEmulator as M; e=M(2,1<<20,1<<20); d=e.device; i=[torch.randint(0,8,(64,4),device=d) for _ in range(2)]; p=e.plan(i,8,2); x=[torch.randn(64,128,device=d).bfloat16() for _ in range(2)]; o=e.dispatch(p,x,topk_idx=i,num_experts=8,num_sms=2); y=e.combine(p,[t.recv_x for t in o],num_sms=2); torch.cuda.synchronize(); e.raise_if_failed('sanitizer'); print('ok', [t.recv_x.shape[0] for t in o])"
 if command -v compute-sanitizer >/dev/null; then
-  step memcheck 60 "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$PY" -c "$SAN"
-  step racecheck 60 "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --report-api-errors no --error-exitcode 3 "$PY" -c "$SAN"
+  step memcheck 60 "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$PY" scripts/sanitizer_case.py
+  step racecheck 60 "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --report-api-errors no --error-exitcode 3 "$PY" scripts/sanitizer_case.py
 else
   echo "compute-sanitizer not found" >>"$OUT/sanitizer.log"; RC[memcheck]=127; RC[racecheck]=127
 fi

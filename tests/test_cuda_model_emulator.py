@@ -167,3 +167,7 @@ def test_runner_process_is_untouched(model):
     for patched in (torch.cuda.is_available, torch.cuda.get_device_properties, torch.cuda.Event, torch.Generator):
         assert not getattr(patched, "__module__", "").startswith("tests."), f"{patched} is patched in the test runner"
     assert torch.overrides._get_current_function_mode_stack() == []
+
+
+def test_sanitizer_case_runs_on_model(model):
+    assert model.run(emulator_checks.run_sanitizer_case).endswith(": ok")

@@ -18,8 +18,10 @@ be imported here); the expected outputs come from the oracle of tests/conformanc
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -341,3 +343,13 @@ def run_bench(argv: list[str]) -> int:
         rc = main(argv)
     assert rc == 0, f"python -m moe_comm.bench {' '.join(argv)} returned {rc}"
     return mode.skipped
+
+
+def run_sanitizer_case() -> str:
+    """scripts/sanitizer_case.py (what scripts/gpu_check.sh runs under compute-sanitizer) on the model."""
+    path = Path(__file__).resolve().parents[2] / "scripts" / "sanitizer_case.py"
+    spec = importlib.util.spec_from_file_location("sanitizer_case", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run()
