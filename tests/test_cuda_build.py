@@ -80,6 +80,16 @@ def test_kernel_launchers_check_arguments_before_launching():
         ext.expert_major(8, *args[1:])
     with pytest.raises(RuntimeError, match="scales"):
         ext.expert_major(*args[:15], 2, *args[16:])
+    # low_latency_combine_send(view, x, slot_of, src_idx, src_rank, N, K, M, row_bytes, num_sms, stream)
+    with pytest.raises(RuntimeError, match="exceed the combine region"):
+        ext.low_latency_combine_send(view, 16, 16, 16, 16, 4, 8, 1 << 12, 14336, 1, 0)
+    with pytest.raises(RuntimeError, match="num_topk"):
+        ext.low_latency_combine_send(view, 16, 16, 16, 16, 4, 33, 4, 64, 1, 0)
+    # low_latency_combine_recv(view, topk_idx, topk_weights, out, T, K, H, experts_per_rank, M, dtype, num_sms, stream)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ext.low_latency_combine_recv(view, 16, 16, 16, 2, 8, 64, 4, 4, 7, 1, 0)
+    with pytest.raises(RuntimeError, match="num_tokens"):
+        ext.low_latency_combine_recv(view, 16, 16, 16, 5, 8, 64, 4, 4, 0, 1, 0)
     with pytest.raises(RuntimeError, match="view: expected a 9-tuple"):
         ext.combine_send((1, 2), 1, 0, 1, 64, 0, 10, 1, 0)
 

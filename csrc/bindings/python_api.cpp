@@ -210,6 +210,36 @@ PYBIND11_MODULE(_C, m) {
       py::arg("num_scales"), py::arg("num_topk"), py::arg("num_experts"), py::arg("num_ranks"), py::arg("num_sms"),
       py::arg("stream"));
   m.def(
+      "low_latency_combine_send",
+      [](py::tuple view, uint64_t x, uint64_t slot_of, uint64_t src_idx, uint64_t src_rank, int num_rows, int num_topk,
+         int max_tokens, int row_bytes, int num_sms, uint64_t stream) {
+        const bool empty = num_rows == 0;
+        LowLatencyCombineSendArgs a{peer_view(view),
+                                    as_ptr<const void>(x, "x", empty),
+                                    as_ptr<const int64_t>(slot_of, "slot_of", empty),
+                                    as_ptr<const int>(src_idx, "src_idx", empty),
+                                    as_ptr<const int>(src_rank, "src_rank", empty),
+                                    num_rows, num_topk, max_tokens, row_bytes};
+        launch_low_latency_combine_send(a, num_sms, as_stream(stream));
+      },
+      py::arg("view"), py::arg("x"), py::arg("slot_of"), py::arg("src_idx"), py::arg("src_rank"), py::arg("num_rows"),
+      py::arg("num_topk"), py::arg("max_tokens"), py::arg("row_bytes"), py::arg("num_sms"), py::arg("stream"));
+  m.def(
+      "low_latency_combine_recv",
+      [](py::tuple view, uint64_t topk_idx, uint64_t topk_weights, uint64_t out, int num_tokens, int num_topk, int hidden,
+         int experts_per_rank, int max_tokens, int dtype, int num_sms, uint64_t stream) {
+        const bool empty = num_tokens == 0;
+        LowLatencyCombineRecvArgs a{peer_view(view),
+                                    as_ptr<const int64_t>(topk_idx, "topk_idx", empty),
+                                    as_ptr<const float>(topk_weights, "topk_weights", empty),
+                                    as_ptr<void>(out, "out", empty),
+                                    num_tokens, num_topk, hidden, experts_per_rank, max_tokens, dtype};
+        launch_low_latency_combine_recv(a, num_sms, as_stream(stream));
+      },
+      py::arg("view"), py::arg("topk_idx"), py::arg("topk_weights"), py::arg("out"), py::arg("num_tokens"),
+      py::arg("num_topk"), py::arg("hidden"), py::arg("experts_per_rank"), py::arg("max_tokens"), py::arg("dtype"),
+      py::arg("num_sms"), py::arg("stream"));
+  m.def(
       "per_token_cast_fp8",
       [](uint64_t x, int dtype, int num_tokens, int hidden, uint64_t out_fp8, uint64_t out_scales, int num_sms,
          uint64_t stream) {

@@ -5,6 +5,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <cuda_runtime.h>
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
 #include "exception.cuh"
 #include "ptx.cuh"
 
@@ -108,6 +112,34 @@ struct ExpertMajorArgs {
   int num_ranks;
 };
 
+// Low-latency combine, in one round trip: each expert rank returns every (token, top-k choice) output row to
+// the token's rank at slot t * K + k of its region there; the token's rank sums them weighted, in k order.
+// Same header flags, epochs and finished-block counters as the normal combine (the "combine" family).
+struct LowLatencyCombineSendArgs {
+  PeerView view;
+  const void* x;               // [E * N, row_bytes]: expert outputs, expert e's slot p at row e * N + p
+  const int64_t* slot_of;      // [N, K]: the row of x holding received row n's k-th choice, -1 where not local
+  const int* src_idx;          // [N]: the source token of received row n
+  const int* src_rank;         // [N]: its rank (-1 on padding rows)
+  int num_rows;                // N
+  int num_topk;                // K
+  int max_tokens;              // M: a source's region holds M * K rows
+  int row_bytes;
+};
+
+struct LowLatencyCombineRecvArgs {
+  PeerView view;
+  const int64_t* topk_idx;     // [T, K] global expert ids, -1 for none
+  const float* topk_weights;   // [T, K]
+  void* out;                   // [T, H] of dtype
+  int num_tokens;              // T <= M
+  int num_topk;
+  int hidden;
+  int experts_per_rank;
+  int max_tokens;
+  int dtype;                   // DType of the rows and of out
+};
+
 // Host-side checks shared by every launcher.
 inline void check_peer_view(const PeerView& v) {
   MC_CHECK(v.peers != nullptr, "peers: null peer table");
@@ -134,6 +166,20 @@ __device__ __forceinline__ WarpIndex warp_index() {
   return {int(threadIdx.x % 32), int(blockIdx.x * warps_per_block + threadIdx.x / 32), int(gridDim.x * warps_per_block)};
 }
 
+// Row dtypes of the reductions: accumulated in float32 (float64 for float64), rounded once to nearest even.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type x);
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
+
 // Row i of a receive order that concatenates the sources' rows: its source, given start[s] (start[R] = total).
 __device__ __forceinline__ int source_of_row(const int* start, int num_ranks, int i) {
   int s = 0;
@@ -147,6 +193,8 @@ void launch_dispatch_recv(const DispatchRecvArgs& args, int num_sms, cudaStream_
 void launch_combine_send(const CombineSendArgs& args, int num_sms, cudaStream_t stream);
 void launch_combine_recv(const CombineRecvArgs& args, int num_sms, cudaStream_t stream);
 void launch_expert_major(const ExpertMajorArgs& args, int num_sms, cudaStream_t stream);
+void launch_low_latency_combine_send(const LowLatencyCombineSendArgs& args, int num_sms, cudaStream_t stream);
+void launch_low_latency_combine_recv(const LowLatencyCombineRecvArgs& args, int num_sms, cudaStream_t stream);
 
 // Per-token FP8 cast: x [T, H] (bf16/fp16/fp32 by dtype code) -> fp8 e4m3 [T, H] + scales [T, ceil(H/128)],
 // scale = max(amax, 1e-4) / 448 (moe_comm.fp8 semantics, bit-exact).

@@ -1,8 +1,11 @@
-// Low-latency receive: a padded dispatch delivers rows in (source rank, token) order; decode-time experts want
-// them expert-major, [E_local, R * M, H], each expert's rows packed from slot 0 in that same order. One block
-// per local expert scans the rows' local ids (a block-wide prefix count of the rows that chose the expert),
-// writes each hit's slot, source and top-k slot, then copies the rows, a warp per slot. Deterministic (no
-// atomics decide an order) and equal to the portable backend's layout.
+// Low-latency mode, the parts the normal kernels do not cover.
+// Receive: a padded dispatch delivers rows in (source rank, token) order; decode-time experts want them
+// expert-major, [E_local, R * M, H], each expert's rows packed from slot 0 in that same order. One block per
+// local expert scans the rows' local ids (a block-wide prefix count of the rows that chose the expert), writes
+// each hit's slot, source and top-k slot, then copies the rows, a warp per slot. Deterministic (no atomics
+// decide an order) and equal to the portable backend's layout.
+// Combine, in one round trip: every expert rank writes each (token, choice k) output row to slot t * K + k of
+// its region on the token's rank, which sums the K rows weighted, in k order, in float32 (float64 for fp64).
 #include <algorithm>
 #include "../include/exception.cuh"
 #include "../include/intranode.cuh"
@@ -86,7 +89,126 @@ __global__ void __launch_bounds__(kThreads, 1) expert_major_kernel(ExpertMajorAr
   }
 }
 
+__global__ void __launch_bounds__(kIntranodeThreads, 1) ll_combine_send_kernel(LowLatencyCombineSendArgs a) {
+  const PeerView& v = a.view;
+  int* own = header_of(v, v.rank);
+  // Every token rank must have summed what we returned in the previous combine-family epoch.
+  if (!block_wait_all_ranks(own, kSlotCombineFree, v.num_ranks, v.epoch - 1, v.timeout_ns, v.err, v.rank,
+                            kPhaseCombineFree))
+    return;
+  const auto [lane, warp, num_warps] = warp_index();
+  const uint8_t* x = static_cast<const uint8_t*>(a.x);
+  const size_t region = combine_region_offset(v.rank, v.num_ranks, v.dispatch_region_bytes, v.combine_region_bytes);
+  for (int item = warp; item < a.num_rows * a.num_topk; item += num_warps) {  // (received row, choice) pairs
+    const int64_t row = a.slot_of[item];
+    if (row < 0) continue;
+    const int n = item / a.num_topk, k = item % a.num_topk;
+    const int s = a.src_rank[n], t = a.src_idx[n];
+    if (s < 0 || s >= v.num_ranks || t < 0 || t >= a.max_tokens) {
+      if (lane == 0) record_error(v.err, v.rank, s, kPhaseOverflow, a.max_tokens, t);
+      continue;
+    }
+    warp_copy16(v.peers[s] + region + (size_t(t) * a.num_topk + k) * a.row_bytes, x + size_t(row) * a.row_bytes,
+                a.row_bytes, lane);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && last_block_to_finish(own + kSlotBlocksDone + kCombineSend, v.blocks_base)) {
+    for (int s = 0; s < v.num_ranks; ++s) st_release_sys(header_of(v, s) + kSlotCombineFlag + v.rank, v.epoch);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kIntranodeThreads, 1) ll_combine_recv_kernel(LowLatencyCombineRecvArgs a) {
+  using AccT = typename Acc<T>::type;
+  constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
+  const PeerView& v = a.view;
+  int* own = header_of(v, v.rank);
+  if (!block_wait_all_ranks(own, kSlotCombineFlag, v.num_ranks, v.epoch, v.timeout_ns, v.err, v.rank,
+                            kPhaseCombineArrive))
+    return;
+  const auto [lane, warp, num_warps] = warp_index();
+  const size_t row_bytes = size_t(a.hidden) * sizeof(T);
+  T* out = static_cast<T*>(a.out);
+  for (int t = warp; t < a.num_tokens; t += num_warps) {
+    // Lane k holds choice k: its expert's rank (-1 for none) and weight, broadcast in the k loop below.
+    int my_rank = -1;
+    float my_weight = 0.0f;
+    if (lane < a.num_topk) {
+      const int64_t e = a.topk_idx[size_t(t) * a.num_topk + lane];
+      if (e >= 0) {
+        my_rank = int(e / a.experts_per_rank);
+        my_weight = a.topk_weights[size_t(t) * a.num_topk + lane];
+      }
+    }
+    for (int c = lane * kVec; c < a.hidden; c += 32 * kVec) {
+      AccT acc[kVec];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) acc[j] = AccT(0);
+      for (int k = 0; k < a.num_topk; ++k) {  // k order: deterministic
+        const int d = __shfl_sync(0xffffffffu, my_rank, k);
+        const AccT w = __shfl_sync(0xffffffffu, my_weight, k);
+        if (d < 0) continue;
+        const uint8_t* row = v.peers[v.rank] +
+                             combine_region_offset(d, v.num_ranks, v.dispatch_region_bytes, v.combine_region_bytes) +
+                             (size_t(t) * a.num_topk + k) * row_bytes;
+        const int4 packed = *reinterpret_cast<const int4*>(row + size_t(c) * sizeof(T));
+        const T* vals = reinterpret_cast<const T*>(&packed);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) acc[j] += w * to_acc(vals[j]);
+      }
+      int4 result;
+      T* res = reinterpret_cast<T*>(&result);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) res[j] = from_acc<T>(acc[j]);
+      *reinterpret_cast<int4*>(out + size_t(t) * a.hidden + c) = result;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && last_block_to_finish(own + kSlotBlocksDone + kCombineRecv, v.blocks_base)) {
+    for (int d = 0; d < v.num_ranks; ++d) st_release_sys(header_of(v, d) + kSlotCombineFree + v.rank, v.epoch);
+  }
+}
+
 }  // namespace
+
+void launch_low_latency_combine_send(const LowLatencyCombineSendArgs& a, int num_sms, cudaStream_t stream) {
+  check_peer_view(a.view);
+  MC_CHECK(num_sms >= 1, "num_sms must be >= 1");
+  MC_CHECK(a.num_topk >= 1 && a.num_topk <= kMaxTopk, "num_topk must be in [1, 32]");
+  MC_CHECK(a.row_bytes > 0 && a.row_bytes % 16 == 0, "row_bytes must be a positive multiple of 16");
+  MC_CHECK(a.num_rows >= 0 && a.max_tokens >= 1, "num_rows must be >= 0 and max_tokens >= 1");
+  MC_CHECK(size_t(a.max_tokens) * a.num_topk * a.row_bytes <= a.view.combine_region_bytes,
+           "max_tokens x num_topk rows exceed the combine region");
+  MC_CHECK(a.num_rows == 0 || (a.x != nullptr && a.slot_of != nullptr && a.src_idx != nullptr && a.src_rank != nullptr),
+           "x/slot_of/src_idx/src_rank: null pointer");
+  MC_CHECK(reinterpret_cast<uintptr_t>(a.x) % 16 == 0, "x must be 16-byte aligned");
+  ll_combine_send_kernel<<<num_sms, kIntranodeThreads, 0, stream>>>(a);
+  MC_LAUNCH_CHECK();
+}
+
+void launch_low_latency_combine_recv(const LowLatencyCombineRecvArgs& a, int num_sms, cudaStream_t stream) {
+  check_peer_view(a.view);
+  MC_CHECK(num_sms >= 1, "num_sms must be >= 1");
+  MC_CHECK(a.num_topk >= 1 && a.num_topk <= kMaxTopk, "num_topk must be in [1, 32]");
+  const size_t elem = a.dtype == kFloat64 ? 8 : a.dtype == kFloat32 ? 4 : 2;
+  MC_CHECK(a.dtype == kBFloat16 || a.dtype == kFloat16 || a.dtype == kFloat32 || a.dtype == kFloat64,
+           "dtype: the low-latency combine sums bf16, fp16, fp32 or fp64 rows");
+  MC_CHECK(a.hidden > 0 && (a.hidden * elem) % 16 == 0, "hidden: rows must be a positive multiple of 16 bytes");
+  MC_CHECK(a.num_tokens >= 0 && a.num_tokens <= a.max_tokens, "num_tokens must be in [0, max_tokens]");
+  MC_CHECK(a.experts_per_rank >= 1, "experts_per_rank must be >= 1");
+  MC_CHECK(size_t(a.max_tokens) * a.num_topk * a.hidden * elem <= a.view.combine_region_bytes,
+           "max_tokens x num_topk rows exceed the combine region");
+  MC_CHECK(a.num_tokens == 0 || (a.topk_idx != nullptr && a.topk_weights != nullptr && a.out != nullptr),
+           "topk_idx/topk_weights/out: null pointer");
+  MC_CHECK(reinterpret_cast<uintptr_t>(a.out) % 16 == 0, "out must be 16-byte aligned");
+  switch (a.dtype) {
+    case kBFloat16: ll_combine_recv_kernel<__nv_bfloat16><<<num_sms, kIntranodeThreads, 0, stream>>>(a); break;
+    case kFloat16: ll_combine_recv_kernel<__half><<<num_sms, kIntranodeThreads, 0, stream>>>(a); break;
+    case kFloat32: ll_combine_recv_kernel<float><<<num_sms, kIntranodeThreads, 0, stream>>>(a); break;
+    default: ll_combine_recv_kernel<double><<<num_sms, kIntranodeThreads, 0, stream>>>(a); break;
+  }
+  MC_LAUNCH_CHECK();
+}
 
 void launch_expert_major(const ExpertMajorArgs& a, int num_sms, cudaStream_t stream) {
   MC_CHECK(num_sms >= 1, "num_sms must be >= 1");

@@ -336,7 +336,9 @@ class CudaBackend(CommBackend):
         num_scales = -(-hidden // 128) if use_fp8 else 0
         plan = ops.make_plan(in_rank, per_rank, max_tokens, slots)
         record = ops.dispatch_record_bytes(ops.row_bytes_of(x, wire_dtype), num_scales, num_topk)
-        mem = self._buffers("low_latency_dispatch", max_tokens * record, 0)
+        # Sized for the combine of these rows too (bf16 expert outputs, one per choice), so that a combine does
+        # not reallocate the buffers while a hooked receive of this dispatch may still be pending.
+        mem = self._buffers("low_latency_dispatch", max_tokens * record, max_tokens * num_topk * hidden * 2)
         epoch = mem.next_epoch("dispatch")
         rows = ops.allocate_dispatch_outputs(plan, x, num_scales, num_topk, False, with_src=True, padded=True, dtype=wire_dtype)
         stream = torch.cuda.current_stream(self._device)
@@ -354,7 +356,7 @@ class CudaBackend(CommBackend):
             buffer_id=self.context.buffer_id, backend=self.name, num_ranks=world, num_experts=num_experts,
             num_max_dispatch_tokens_per_rank=max_tokens, num_tokens=num_tokens, hidden=hidden, num_topk=num_topk,
             src_token_idx=src_token_idx, src_rank=src_rank, layout_range=layout_range,
-            backend_state={"plan": plan, "local_ids": rows.recv_topk_idx, "slot_of": slot_of},
+            backend_state={"plan": plan, "rows": rows, "slot_of": slot_of},
         )
 
         def receive() -> None:
@@ -383,38 +385,20 @@ class CudaBackend(CommBackend):
     ) -> tuple[torch.Tensor, Callable[[], None] | None]:
         sms, dev = self.context.num_sms, self._device
         state = handle.backend_state
-        plan: ops.RoutingPlan = state["plan"]
-        slot_of = state["slot_of"]
+        rows: ops.DispatchOutputs = state["rows"]
         max_tokens, hidden, num_topk = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_topk
-        slots = handle.num_ranks * max_tokens
-        # The experts' ranks need the gating weights of the tokens they hold: a cached dispatch of them (rows
-        # padded to 16 bytes), then weighted partial sums per received row in top-k order, then a float32 combine.
-        padded_k = (num_topk + 3) // 4 * 4
-        weights = torch.zeros(handle.num_tokens, padded_k, dtype=torch.float32, device=dev)
-        weights[:, :num_topk] = topk_weights.float()
-        w_record = ops.dispatch_record_bytes(padded_k * 4, 0, 0)
-        mem = self._buffers("low_latency_combine", max_tokens * w_record, max_tokens * ops.combine_record_bytes(hidden * 4, 0))
+        # One round trip: every (token, choice) output row goes back to the token's rank, which weights them.
+        mem = self._buffers("low_latency_combine", 0, max_tokens * num_topk * hidden * x.element_size())
         stream = torch.cuda.current_stream(dev)
-        d_epoch = mem.next_epoch("dispatch")
-        got = ops.allocate_dispatch_outputs(plan, weights, 0, 0, False, with_src=False, padded=True)
-        ops.dispatch_send(mem, plan, d_epoch, weights, None, None, None, 1, sms, stream)
-        ops.dispatch_recv(mem, plan, d_epoch, got, sms, stream)
-        gathered_w = got.recv_x[:, :num_topk]
-        rows = x.reshape(-1, hidden)
-        partial = torch.zeros(slots, hidden, dtype=torch.float32, device=dev)
-        for k in range(num_topk):
-            hit = slot_of[:, k] >= 0
-            picked = rows.index_select(0, slot_of[:, k].clamp_min(0)).float()
-            partial.addcmul_(picked, torch.where(hit, gathered_w[:, k], torch.zeros_like(gathered_w[:, k])).unsqueeze(1))
-        c_epoch = mem.next_epoch("combine")
-        ops.combine_send(mem, plan, c_epoch, partial, None, sms, stream)
+        epoch = mem.next_epoch("combine")
+        ops.low_latency_combine_send(mem, epoch, x.reshape(-1, hidden), state["slot_of"], rows, max_tokens, sms, stream)
         combined = out if out is not None else torch.empty(handle.num_tokens, hidden, dtype=x.dtype, device=dev)
-        total = torch.empty(handle.num_tokens, hidden, dtype=torch.float32, device=dev)
+        weights = topk_weights.to(torch.float32).contiguous()
 
         def receive() -> None:
             with self._on_own_stream():
-                ops.combine_recv(mem, plan, c_epoch, total, None, (None, None), sms, self._stream)
-                combined.copy_(total)
+                ops.low_latency_combine_recv(mem, epoch, topk_idx, weights, combined, handle.num_experts // handle.num_ranks,
+                                             max_tokens, sms, self._stream)
             torch.cuda.current_stream(dev).wait_stream(self._stream)
             mem.raise_if_failed("low_latency_combine")
 

@@ -31,6 +31,8 @@ __all__ = [
     "dispatch_send",
     "dtype_code",
     "expert_major",
+    "low_latency_combine_recv",
+    "low_latency_combine_send",
     "make_plan",
     "per_token_cast_fp8",
 ]
@@ -292,6 +294,53 @@ def expert_major(
         0 if rows.recv_scales is None else rows.recv_scales.shape[1], k, experts, layout_range.shape[1], num_sms,
         stream.cuda_stream,
     )
+
+
+def low_latency_combine_send(
+    buf: SymmetricBuffer,
+    epoch: int,
+    x: torch.Tensor,
+    slot_of: torch.Tensor,
+    rows: DispatchOutputs,
+    max_tokens: int,
+    num_sms: int,
+    stream: torch.cuda.Stream,
+) -> None:
+    """Return every (received row, top-k choice) output row of ``x [E * N, H]`` (expert-major, as
+    :func:`expert_major` laid the rows out; ``slot_of [N, K]`` names the row of each choice) to slot
+    ``t * K + k`` of this rank's combine region on the token's rank. A "combine"-family epoch."""
+    assert rows.recv_src_idx is not None and rows.recv_src_rank is not None
+    if x.data_ptr() % 16:
+        x = x.clone()
+    n, k = slot_of.shape
+    with buf.launch("combine_send", epoch, num_sms) as view:
+        _ext().low_latency_combine_send(
+            view, _ptr(x), _ptr(slot_of), _ptr(rows.recv_src_idx), _ptr(rows.recv_src_rank), n, k, max_tokens,
+            row_bytes_of(x), num_sms, stream.cuda_stream,
+        )
+
+
+def low_latency_combine_recv(
+    buf: SymmetricBuffer,
+    epoch: int,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    out: torch.Tensor,
+    experts_per_rank: int,
+    max_tokens: int,
+    num_sms: int,
+    stream: torch.cuda.Stream,
+) -> None:
+    """``out[t] = sum over k of topk_weights[t, k] * (the row returned for choice k)``, in k order, accumulated in
+    float32 (float64 for float64) and rounded once; choices with ``topk_idx == -1`` add nothing."""
+    if out.data_ptr() % 16:
+        raise ValueError("out: the low-latency combine writes 16-byte vectors; pass a 16-byte aligned tensor")
+    t, k = topk_idx.shape
+    with buf.launch("combine_recv", epoch, num_sms) as view:
+        _ext().low_latency_combine_recv(
+            view, _ptr(topk_idx), _ptr(topk_weights), _ptr(out), t, k, out.shape[1], experts_per_rank, max_tokens,
+            dtype_code(out.dtype), num_sms, stream.cuda_stream,
+        )
 
 
 def per_token_cast_fp8(x: torch.Tensor, num_sms: int = 132) -> tuple[torch.Tensor, torch.Tensor]:

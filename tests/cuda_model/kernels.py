@@ -483,6 +483,61 @@ class KernelModel:
 
     # -- csrc/kernels/fp8_cast.cu, csrc/kernels/layout.cu -----------------------------------------------
 
+    def low_latency_combine_send(self, view: tuple, x: int, slot_of: int, src_idx: int, src_rank: int, num_rows: int,
+                                 num_topk: int, max_tokens: int, row_bytes: int, num_sms: int, stream: int) -> None:
+        call_binding(self.real.low_latency_combine_send, view, x, slot_of, src_idx, src_rank, num_rows, num_topk,
+                     max_tokens, row_bytes, num_sms, stream)
+        self.on_launch("low_latency_combine_send", stream)
+        v = self._view(view)
+        if not self._wait_all_ranks(v, self.slot["combine_free"], v.epoch - 1, self.phase["combine_free"]):
+            return
+        slots = raw(slot_of, num_rows * num_topk, torch.int64)
+        src, src_r = raw(src_idx, num_rows, torch.int32), raw(src_rank, num_rows, torch.int32)
+        for item in range(num_rows * num_topk):  # (received row, choice) pairs, a warp each
+            row = int(slots[item]) if num_rows else -1
+            if row < 0:
+                continue
+            n, k = divmod(item, num_topk)
+            s, t = int(src_r[n]), int(src[n])
+            if not (0 <= s < v.num_ranks and 0 <= t < max_tokens):
+                self._record_error(v, s, self.phase["overflow"], max_tokens, t)
+                continue
+            dst = v.combine_region(s, v.rank) + (t * num_topk + k) * row_bytes
+            self.memory.check_range(dst, row_bytes)
+            warp_copy16(dst, x + row * row_bytes, row_bytes)
+        if self._last_block_to_finish(v, "combine_send", num_sms):
+            for s in range(v.num_ranks):
+                v.header(s)[self.slot["combine_flag"] + v.rank] = v.epoch  # st_release_sys
+
+    def low_latency_combine_recv(self, view: tuple, topk_idx: int, topk_weights: int, out: int, num_tokens: int,
+                                 num_topk: int, hidden: int, experts_per_rank: int, max_tokens: int, dtype: int,
+                                 num_sms: int, stream: int) -> None:
+        call_binding(self.real.low_latency_combine_recv, view, topk_idx, topk_weights, out, num_tokens, num_topk, hidden,
+                     experts_per_rank, max_tokens, dtype, num_sms, stream)
+        self.on_launch("low_latency_combine_recv", stream)
+        v = self._view(view)
+        if not self._wait_all_ranks(v, self.slot["combine_flag"], v.epoch, self.phase["combine_arrive"]):
+            return
+        row_dtype = COMBINE_DTYPES[dtype]
+        acc_dtype = torch.float64 if row_dtype == torch.float64 else torch.float32  # Acc<T>
+        row_bytes = hidden * row_dtype.itemsize
+        ids = raw(topk_idx, num_tokens * num_topk, torch.int64).view(num_tokens, num_topk)
+        weights = raw(topk_weights, num_tokens * num_topk, torch.float32).view(num_tokens, num_topk)
+        result = raw(out, num_tokens * hidden, row_dtype).view(num_tokens, hidden)
+        for t in range(num_tokens):
+            acc = torch.zeros(hidden, dtype=acc_dtype)
+            for k in range(num_topk):  # k order (the GPU fuses w * v + acc; compared within a tolerance)
+                e = int(ids[t, k])
+                if e < 0:
+                    continue
+                row = v.combine_region(v.rank, e // experts_per_rank) + (t * num_topk + k) * row_bytes
+                self.memory.check_range(row, row_bytes)
+                acc += weights[t, k].to(acc_dtype) * raw(row, hidden, row_dtype).to(acc_dtype)
+            result[t] = acc.to(row_dtype)
+        if self._last_block_to_finish(v, "combine_recv", num_sms):
+            for d in range(v.num_ranks):
+                v.header(d)[self.slot["combine_free"] + v.rank] = v.epoch  # st_release_sys
+
     def expert_major(self, x: int, scales: int, local_ids: int, src_idx: int, src_rank: int, out_x: int, out_scales: int,
                      recv_count: int, out_src_idx: int, out_src_rank: int, layout_range: int, slot_of: int, row_of: int,
                      num_rows: int, row_bytes: int, num_scales: int, num_topk: int, num_experts: int, num_ranks: int,
@@ -608,7 +663,8 @@ class KernelModel:
         self.memory.ipc_close(ptr)
 
 
-MODELLED = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv", "expert_major", "per_token_cast_fp8",
+MODELLED = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv", "expert_major", "low_latency_combine_send",
+            "low_latency_combine_recv", "per_token_cast_fp8",
             "get_dispatch_layout", "sm_copy", "device_alloc_zeroed", "device_free", "ipc_get_handle", "ipc_open_handle",
             "ipc_close_handle")
 
