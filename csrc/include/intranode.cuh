@@ -140,6 +140,17 @@ struct LowLatencyCombineRecvArgs {
   int dtype;                   // DType of the rows and of out
 };
 
+// Bytes of one element of a reduction dtype (host side; a bad code is a named error).
+inline size_t dtype_size(int dtype) {
+  switch (dtype) {
+    case kBFloat16:
+    case kFloat16: return 2;
+    case kFloat32: return 4;
+    case kFloat64: return 8;
+  }
+  throw Error("dtype: unsupported dtype code " + std::to_string(dtype), __FILE__, __LINE__);
+}
+
 // Host-side checks shared by every launcher.
 inline void check_peer_view(const PeerView& v) {
   MC_CHECK(v.peers != nullptr, "peers: null peer table");

@@ -134,16 +134,6 @@ __global__ void __launch_bounds__(kIntranodeThreads) combine_recv_kernel(Combine
   }
 }
 
-size_t dtype_size(int dtype) {
-  switch (dtype) {
-    case kBFloat16:
-    case kFloat16: return 2;
-    case kFloat32: return 4;
-    case kFloat64: return 8;
-  }
-  throw Error("dtype: unsupported dtype code " + std::to_string(dtype), __FILE__, __LINE__);
-}
-
 }  // namespace
 
 void launch_combine_send(const CombineSendArgs& a, int num_sms, cudaStream_t stream) {

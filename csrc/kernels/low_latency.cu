@@ -190,9 +190,7 @@ void launch_low_latency_combine_recv(const LowLatencyCombineRecvArgs& a, int num
   check_peer_view(a.view);
   MC_CHECK(num_sms >= 1, "num_sms must be >= 1");
   MC_CHECK(a.num_topk >= 1 && a.num_topk <= kMaxTopk, "num_topk must be in [1, 32]");
-  const size_t elem = a.dtype == kFloat64 ? 8 : a.dtype == kFloat32 ? 4 : 2;
-  MC_CHECK(a.dtype == kBFloat16 || a.dtype == kFloat16 || a.dtype == kFloat32 || a.dtype == kFloat64,
-           "dtype: the low-latency combine sums bf16, fp16, fp32 or fp64 rows");
+  const size_t elem = dtype_size(a.dtype);  // throws on a code other than bf16, fp16, fp32, fp64
   MC_CHECK(a.hidden > 0 && (a.hidden * elem) % 16 == 0, "hidden: rows must be a positive multiple of 16 bytes");
   MC_CHECK(a.num_tokens >= 0 && a.num_tokens <= a.max_tokens, "num_tokens must be in [0, max_tokens]");
   MC_CHECK(a.experts_per_rank >= 1, "experts_per_rank must be >= 1");
