@@ -567,7 +567,7 @@ class Buffer:
             topk_weights: ``[T, K]`` float32 gating weights.
             handle: the dispatch's :class:`LowLatencyHandle`.
             async_finish, return_recv_hook: as in :meth:`low_latency_dispatch`.
-            out: optional ``[T, H]`` tensor to write the result into.
+            out: optional contiguous ``[T, H]`` tensor of ``x``'s dtype to write the result into.
 
         Returns:
             :class:`LowLatencyCombineResult` ``(combined_x [T, H], event, hook)``.
@@ -575,6 +575,7 @@ class Buffer:
         op = "low_latency_combine"
         error: Exception | None = None
         header = AgreementHeader(op)
+        idx = weights = None
         values_checked = True
         try:
             self._check_handle(handle, LowLatencyHandle)
@@ -586,14 +587,16 @@ class Buffer:
             idx, weights = check_topk(topk_idx, topk_weights, handle.num_tokens, handle.num_experts, False)
             require(idx is not None and weights is not None, ValueError, "topk_idx/topk_weights: both are required")
             if out is not None:
-                require(isinstance(out, torch.Tensor) and list(out.shape) == [handle.num_tokens, handle.hidden], ValueError,
-                        f"out: expected [{handle.num_tokens}, {handle.hidden}]")
+                require(isinstance(out, torch.Tensor) and list(out.shape) == [handle.num_tokens, handle.hidden]
+                        and out.dtype == x.dtype and out.is_contiguous(), ValueError,
+                        f"out: expected a contiguous [{handle.num_tokens}, {handle.hidden}] tensor of x's dtype {x.dtype}")
             header = AgreementHeader(op, hidden=handle.hidden, dtype=x.dtype, num_experts=handle.num_experts, num_topk=handle.num_topk,
                                      max_tokens=handle.num_max_dispatch_tokens_per_rank)
         except (TypeError, ValueError) as exc:
             error = exc
         self._agree(op, header, error, values_checked)
+        assert idx is not None and weights is not None
         with self._on_comm_stream(None) as stream:
-            combined, hook = self.backend.low_latency_combine(x.contiguous(), topk_idx, topk_weights, handle, return_recv_hook, out)
+            combined, hook = self.backend.low_latency_combine(x.contiguous(), idx, weights, handle, return_recv_hook, out)
         event = self._finish(None, async_finish, stream, (x,))
         return LowLatencyCombineResult(combined, event, hook)

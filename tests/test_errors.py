@@ -71,6 +71,9 @@ def _local_errors():
     results["combine_rows"] = _outcome(lambda: buf.combine(res.recv_x[1:], res.handle))
     results["combine_bias"] = _outcome(lambda: buf.combine(res.recv_x, res.handle, bias=torch.zeros(1, 1)))
     results["cached_with_topk"] = _outcome(lambda: buf.dispatch(x, handle=res.handle, topk_idx=idx))
+    ll = buf.low_latency_dispatch(x, idx, x.shape[0], experts, use_fp8=False)
+    wrong_out = torch.empty(x.shape, dtype=torch.float32)
+    results["ll_out_dtype"] = _outcome(lambda: buf.low_latency_combine(ll.recv_x, idx, w, ll.handle, out=wrong_out))
     return results
 
 
@@ -88,6 +91,7 @@ EXPECTED = {
     "combine_rows": ("ValueError", "x: expected"),
     "combine_bias": ("ValueError", "bias[0]: expected"),
     "cached_with_topk": ("ValueError", "topk_idx/topk_weights: a cached dispatch"),
+    "ll_out_dtype": ("ValueError", "out: expected a contiguous"),
 }
 
 
