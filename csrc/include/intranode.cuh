@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 #endif
 #include "exception.cuh"
+#include "layout.cuh"
 #include "ptx.cuh"
 
 namespace moe_comm {
@@ -167,6 +168,15 @@ inline void check_peer_view(const PeerView& v) {
 constexpr int kIntranodeThreads = 512;  // threads per block of every intranode kernel
 
 __device__ __forceinline__ int* header_of(const PeerView& v, int rank) { return reinterpret_cast<int*>(v.peers[rank]); }
+
+// The end of a kernel of the protocol: after every block's work, the last block to finish (counter `kernel`)
+// releases this rank's entry of header slot array `slot` on every rank to the view's epoch.
+__device__ __forceinline__ void release_on_every_rank_when_done(const PeerView& v, int kernel, int slot) {
+  __syncthreads();
+  if (threadIdx.x == 0 && last_block_to_finish(header_of(v, v.rank) + kSlotBlocksDone + kernel, v.blocks_base)) {
+    for (int d = 0; d < v.num_ranks; ++d) st_release_sys(header_of(v, d) + slot + v.rank, v.epoch);
+  }
+}
 
 // A grid-stride loop over items, one warp per item.
 struct WarpIndex {

@@ -49,10 +49,7 @@ __global__ void __launch_bounds__(kIntranodeThreads) combine_send_kernel(Combine
       reinterpret_cast<float*>(dst + weights_offset)[lane] = a.topk_weights[size_t(i) * a.num_topk + lane];
   }
 
-  __syncthreads();
-  if (threadIdx.x == 0 && last_block_to_finish(own + kSlotBlocksDone + kCombineSend, v.blocks_base)) {
-    for (int s = 0; s < v.num_ranks; ++s) st_release_sys(header_of(v, s) + kSlotCombineFlag + v.rank, v.epoch);
-  }
+  release_on_every_rank_when_done(v, kCombineSend, kSlotCombineFlag);
 }
 
 template <typename T>
@@ -128,10 +125,7 @@ __global__ void __launch_bounds__(kIntranodeThreads) combine_recv_kernel(Combine
     }
   }
 
-  __syncthreads();
-  if (threadIdx.x == 0 && last_block_to_finish(own + kSlotBlocksDone + kCombineRecv, v.blocks_base)) {
-    for (int d = 0; d < v.num_ranks; ++d) st_release_sys(header_of(v, d) + kSlotCombineFree + v.rank, v.epoch);
-  }
+  release_on_every_rank_when_done(v, kCombineRecv, kSlotCombineFree);
 }
 
 }  // namespace

@@ -186,10 +186,7 @@ __global__ void __launch_bounds__(kIntranodeThreads) dispatch_recv_kernel(Dispat
     }
   }
 
-  __syncthreads();
-  if (threadIdx.x == 0 && last_block_to_finish(own + kSlotBlocksDone + kDispatchRecv, v.blocks_base)) {
-    for (int s = 0; s < v.num_ranks; ++s) st_release_sys(header_of(v, s) + kSlotDispatchFree + v.rank, v.epoch);
-  }
+  release_on_every_rank_when_done(v, kDispatchRecv, kSlotDispatchFree);
 }
 
 }  // namespace

@@ -111,10 +111,7 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) ll_combine_send_kernel(L
     warp_copy16(v.peers[s] + region + (size_t(t) * a.num_topk + k) * a.row_bytes, x + size_t(row) * a.row_bytes,
                 a.row_bytes, lane);
   }
-  __syncthreads();
-  if (threadIdx.x == 0 && last_block_to_finish(own + kSlotBlocksDone + kCombineSend, v.blocks_base)) {
-    for (int s = 0; s < v.num_ranks; ++s) st_release_sys(header_of(v, s) + kSlotCombineFlag + v.rank, v.epoch);
-  }
+  release_on_every_rank_when_done(v, kCombineSend, kSlotCombineFlag);
 }
 
 template <typename T>
@@ -163,10 +160,7 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) ll_combine_recv_kernel(L
       *reinterpret_cast<int4*>(out + size_t(t) * a.hidden + c) = result;
     }
   }
-  __syncthreads();
-  if (threadIdx.x == 0 && last_block_to_finish(own + kSlotBlocksDone + kCombineRecv, v.blocks_base)) {
-    for (int d = 0; d < v.num_ranks; ++d) st_release_sys(header_of(v, d) + kSlotCombineFree + v.rank, v.epoch);
-  }
+  release_on_every_rank_when_done(v, kCombineRecv, kSlotCombineFree);
 }
 
 }  // namespace
