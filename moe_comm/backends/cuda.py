@@ -36,6 +36,7 @@ from moe_comm.backends.base import (
 from moe_comm.backends.cuda_memory import SymmetricBuffer, round_region
 from moe_comm.backends.torch_backend import gather_count_matrix
 from moe_comm.collectives import StepContext, all_gather_rows, wait_all
+from moe_comm.fp8 import num_scale_blocks
 from moe_comm.layout import pad_to_alignment
 from moe_comm.types import DispatchHandle, LowLatencyHandle
 
@@ -333,7 +334,7 @@ class CudaBackend(CommBackend):
         per_rank, _, in_rank = self.get_dispatch_layout(topk_idx, num_experts)
         # With FP8 the send kernel casts each row as it sends it (one read of x, no FP8 copy in between).
         wire_dtype = torch.float8_e4m3fn if use_fp8 else x.dtype
-        num_scales = -(-hidden // 128) if use_fp8 else 0
+        num_scales = num_scale_blocks(hidden) if use_fp8 else 0
         plan = ops.make_plan(in_rank, per_rank, max_tokens, slots)
         record = ops.dispatch_record_bytes(ops.row_bytes_of(x, wire_dtype), num_scales, num_topk)
         # Sized for the combine of these rows too (bf16 expert outputs, one per choice), so that a combine does

@@ -22,6 +22,7 @@ import torch
 from moe_comm.backends import cuda_intranode as ops
 from moe_comm.backends.cuda import cuda_dispatch_layout
 from moe_comm.backends.cuda_memory import SymmetricBuffer, round_region
+from moe_comm.fp8 import num_scale_blocks
 
 __all__ = ["MultiRankEmulator"]
 
@@ -143,7 +144,7 @@ class MultiRankEmulator:
     @staticmethod
     def _num_scales(x: torch.Tensor, scales: torch.Tensor | None, cast_fp8: bool) -> int:
         if cast_fp8:
-            return -(-x.shape[1] // 128)
+            return num_scale_blocks(x.shape[1])
         return 0 if scales is None else scales.shape[1]
 
     def combine(

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from moe_comm.backends.cuda_memory import SymmetricBuffer
+from moe_comm.fp8 import num_scale_blocks
 
 __all__ = [
     "DispatchOutputs",
@@ -183,7 +184,7 @@ def dispatch_send(
                              f"{' with x_scales' if x_scales is not None else ''}")
         cast_dtype = dtype_code(x.dtype)
         row_bytes = row_bytes_of(x, torch.float8_e4m3fn)
-        num_scales = -(-x.shape[1] // 128)
+        num_scales = num_scale_blocks(x.shape[1])
     else:
         row_bytes = row_bytes_of(x)
         num_scales = 0 if x_scales is None else x_scales.shape[1]

@@ -22,7 +22,7 @@ if not cb.extension_status()[0]:
 from moe_comm.backends import cuda_intranode as ops  # noqa: E402
 from moe_comm.backends.cuda_emulator import MultiRankEmulator  # noqa: E402
 from moe_comm.errors import CommTimeoutError  # noqa: E402
-from moe_comm.fp8 import per_token_cast_to_fp8  # noqa: E402
+from moe_comm.fp8 import num_scale_blocks, per_token_cast_to_fp8  # noqa: E402
 
 
 def _inputs(rank: int, tokens: int, hidden: int, topk: int, num_experts: int, seed: int):
@@ -122,7 +122,7 @@ def test_fused_fp8_cast_dispatch_bit_exact(hidden, dtype):
     data = [_inputs(r, 37, hidden, topk, num_experts, seed=6) for r in range(world)]
     xs = [(d[0].float() * torch.logspace(-3, 3, 37).unsqueeze(1)).to(dtype) for d in data]
     xs[1][5] = 0  # an all-zero row takes the 1e-4 floor
-    emu = MultiRankEmulator(world, *MultiRankEmulator.region_bytes_for(37, hidden, torch.float8_e4m3fn, -(-hidden // 128), topk, torch.bfloat16))
+    emu = MultiRankEmulator(world, *MultiRankEmulator.region_bytes_for(37, hidden, torch.float8_e4m3fn, num_scale_blocks(hidden), topk, torch.bfloat16))
     dev = emu.device
     plans = emu.plan([d[1].to(dev) for d in data], num_experts, num_sms=2)
     outs = emu.dispatch(plans, [x.to(dev) for x in xs], topk_idx=[d[1].to(dev) for d in data], num_experts=num_experts,
