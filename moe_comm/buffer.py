@@ -24,7 +24,7 @@ from moe_comm.backends.base import BackendContext, CombineRequest, CommBackend, 
 from moe_comm.backends.registry import resolve_backend
 from moe_comm.collectives import StepContext
 from moe_comm.env import settings
-from moe_comm.events import EventOverlap
+from moe_comm.events import EventOverlap, is_capturing
 from moe_comm.types import (
     CombineResult,
     Config,
@@ -172,8 +172,10 @@ class Buffer:
         return StepContext(self.group, self.rank, op, self.timeout_s)
 
     def _checks_values(self, device: torch.device, no_host_sync: bool) -> bool:
+        """Whether to check input values (a host synchronisation and a collective). "auto" skips it on a CUDA
+        device where the call promises no host synchronisation, and while a CUDA graph is being captured."""
         if self.check_inputs == "auto":
-            return not (device.type == "cuda" and no_host_sync)
+            return not (device.type == "cuda" and (no_host_sync or is_capturing()))
         return bool(self.check_inputs)
 
     def _agree(
@@ -339,6 +341,9 @@ class Buffer:
             require(isinstance(expert_alignment, int) and expert_alignment >= 1, ValueError, f"expert_alignment: expected an int >= 1, got {expert_alignment!r}")
             require(isinstance(num_worst_tokens, int) and num_worst_tokens >= 0, ValueError, f"num_worst_tokens: expected an int >= 0, got {num_worst_tokens!r}")
             values_checked = self._checks_values(data.device, num_worst_tokens > 0)
+            require(handle is not None or num_worst_tokens > 0 or not is_capturing(), ValueError,
+                    "num_worst_tokens: a dispatch captured in a CUDA graph needs num_worst_tokens > 0 (or a handle): "
+                    "an exact dispatch waits on the host for the received counts")
             num_sms = (config.num_sms if config is not None and config.num_sms is not None else self.num_sms)
             if handle is not None:
                 self._check_handle(handle, DispatchHandle)

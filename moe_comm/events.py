@@ -1,4 +1,5 @@
-"""``EventOverlap``: what ``async_finish=True`` returns, a completion to wait on later."""
+"""``EventOverlap``: what ``async_finish=True`` returns, a completion to wait on later; and whether the current
+CUDA stream is capturing a graph."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["EventOverlap"]
+__all__ = ["EventOverlap", "is_capturing"]
+
+
+def is_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a CUDA graph (always False on a torch without CUDA)."""
+    return torch.backends.cuda.is_built() and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class EventOverlap:

@@ -37,6 +37,7 @@ step build 240 "$OUT/build.log" "$PY" setup.py build_ext --inplace
 step import 60 "$OUT/build.log" "$PY" -c "import moe_comm._C as C; print(C.compiled_architectures(), C.device_status()); from moe_comm.backends.registry import available_backends; print(available_backends())"
 step pytest_kernels 150 "$OUT/tests.log" "$PY" -m pytest -q --junitxml="$OUT/junit.xml" tests/gpu/test_torch_backend_on_gpu.py tests/gpu/test_kernels.py tests/gpu/test_cuda_emulator.py tests/test_cuda_build.py
 step pytest_conformance 200 "$OUT/tests.log" "$PY" -m pytest -q -x tests/gpu/test_cuda_conformance.py
+step pytest_graphs 60 "$OUT/tests.log" "$PY" -m pytest -q tests/gpu/test_cuda_graphs.py
 if command -v compute-sanitizer >/dev/null; then
   step memcheck 60 "$OUT/sanitizer.log" compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$PY" scripts/sanitizer_case.py
   step racecheck 60 "$OUT/sanitizer.log" compute-sanitizer --tool racecheck --report-api-errors no --error-exitcode 3 "$PY" scripts/sanitizer_case.py

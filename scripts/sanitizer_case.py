@@ -42,13 +42,12 @@ def run() -> str:
         ops.expert_major(rows, expert_rows[-1], scales, torch.empty(epr, dtype=torch.int32, device=dev),
                          torch.empty(epr, n, dtype=torch.int32, device=dev), torch.empty(epr, n, dtype=torch.int32, device=dev),
                          torch.empty(epr, world, 2, dtype=torch.int32, device=dev), slots[-1], sms, stream)
-    epochs = [buf.next_epoch("combine") for buf in emu.buffers]
     for r in range(world):
-        ops.low_latency_combine_send(emu.buffers[r], epochs[r], expert_rows[1 + r].reshape(-1, hidden), slots[1 + r],
+        ops.low_latency_combine_send(emu.buffers[r], expert_rows[1 + r].reshape(-1, hidden), slots[1 + r],
                                      outs[r], tokens, sms, stream)
     combined = [torch.empty(tokens, hidden, dtype=torch.bfloat16, device=dev) for _ in range(world)]
     for r in range(world):
-        ops.low_latency_combine_recv(emu.buffers[r], epochs[r], idx[r], weights[r], combined[r], epr, tokens, sms, stream)
+        ops.low_latency_combine_recv(emu.buffers[r], idx[r], weights[r], combined[r], epr, tokens, sms, stream)
     torch.cuda.synchronize(dev)
     emu.raise_if_failed("sanitizer case")
     for r in range(world):  # the experts are identities: each token comes back as x times its summed weights

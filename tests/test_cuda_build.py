@@ -43,13 +43,17 @@ def test_layout_arithmetic_matches_python(row_bytes, scales, topk):
     slots = ext.HEADER_SLOTS
     assert len(set(slots.values())) == len(slots)
     assert max(slots.values()) * 4 < ext.HEADER_BYTES
+    # Per-kernel arrays: the finished-block counters, then the epochs, one int32 per kernel id, not overlapping.
+    assert sorted(ext.KERNEL_IDS.values()) == list(range(len(ext.KERNEL_IDS)))
+    assert slots["blocks_done"] + len(ext.KERNEL_IDS) <= slots["epochs"]
+    assert (slots["epochs"] + len(ext.KERNEL_IDS)) * 4 <= ext.HEADER_BYTES
     assert ext.MAX_RANKS == 8 and ext.MAX_TOPK == 32
 
 
 def test_kernel_launchers_check_arguments_before_launching():
     """Bad pointers and sizes are named errors on the host (no device needed to reach them)."""
     ext = _ext()
-    view = (1, 0, 2, 1 << 20, 1 << 20, 1, 0, 1000, 1)
+    view = (1, 0, 2, 1 << 20, 1 << 20, 1000, 1)  # peers, rank, R, region bytes x2, timeout_ns, err
     with pytest.raises(RuntimeError, match="view.peers"):
         ext.dispatch_send((0, *view[1:]), 1, 0, 0, 0, 1, 1, 1, 4, 64, 0, 0, 1, 10, ext.NO_CAST, 1, 0)
     with pytest.raises(RuntimeError, match="row_bytes"):
@@ -62,13 +66,13 @@ def test_kernel_launchers_check_arguments_before_launching():
     with pytest.raises(RuntimeError, match="num_scales"):
         ext.dispatch_send(view, 16, 0, 0, 0, 1, 1, 1, 4, 64, 2, 0, 1, 10, 2, 1, 0)
     with pytest.raises(RuntimeError, match="num_ranks"):
-        ext.dispatch_recv((1, 0, 9, 1 << 20, 1 << 20, 1, 0, 1000, 1), 1, 0, 0, 0, 1, 1, 1, 4, 64, 0, 0, 10, 1, 0)
+        ext.dispatch_recv((1, 0, 9, 1 << 20, 1 << 20, 1000, 1), 1, 0, 0, 0, 1, 1, 1, 4, 64, 0, 0, 10, 1, 0)
     with pytest.raises(RuntimeError, match="capacity_rows"):
         ext.combine_send(view, 1, 0, 1, 64, 0, 1 << 20, 1, 0)
     with pytest.raises(RuntimeError, match="hidden"):
         ext.combine_recv(view, 1, 1, 0, 0, 1, 0, 4, 3, 0, 10, 0, 1, 0)
-    with pytest.raises(RuntimeError, match="epoch"):
-        ext.combine_recv((1, 0, 2, 1 << 20, 1 << 20, 0, 0, 1000, 1), 1, 1, 0, 0, 1, 0, 4, 64, 0, 10, 0, 1, 0)
+    with pytest.raises(RuntimeError, match="timeout_ns"):
+        ext.combine_recv((1, 0, 2, 1 << 20, 1 << 20, 0, 1), 1, 1, 0, 0, 1, 0, 4, 64, 0, 10, 0, 1, 0)
     # expert_major(x, scales, local_ids, src_idx, src_rank, out_x, out_scales, recv_count, out_src_idx, out_src_rank,
     #              layout_range, slot_of, row_of, N, row_bytes, S, K, E, R, num_sms, stream)
     args = [16, 0, 16, 16, 16, 16, 0, 16, 16, 16, 16, 16, 16, 4, 64, 0, 8, 2, 2, 1, 0]
@@ -90,7 +94,7 @@ def test_kernel_launchers_check_arguments_before_launching():
         ext.low_latency_combine_recv(view, 16, 16, 16, 2, 8, 64, 4, 4, 7, 1, 0)
     with pytest.raises(RuntimeError, match="num_tokens"):
         ext.low_latency_combine_recv(view, 16, 16, 16, 5, 8, 64, 4, 4, 0, 1, 0)
-    with pytest.raises(RuntimeError, match="view: expected a 9-tuple"):
+    with pytest.raises(RuntimeError, match="view: expected a 7-tuple"):
         ext.combine_send((1, 2), 1, 0, 1, 64, 0, 10, 1, 0)
 
 

@@ -99,8 +99,9 @@ def test_caller_stream_waits_for_every_launch(pool):
     pool.run(checks.check_stream_order, Case(routing="zipf", seed=17))
 
 
-def test_block_counters_wrap_past_int32(pool):
-    pool.run(checks.check_block_counters_wrap, Case(seed=18))
+@pytest.mark.parametrize("kind", ["low_latency", "low_latency_fp8", "worst_case"])
+def test_replayed_launches_match_eager_steps(pool, kind):
+    pool.run(checks.check_replayed_launches, Case(routing="masked", seed=18, hidden=256), kind)
 
 
 def test_missing_sender_times_out_naming_it(pool):

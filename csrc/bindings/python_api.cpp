@@ -26,20 +26,19 @@ T* as_ptr(uint64_t p, const char* name, bool allow_null = false) {
 
 cudaStream_t as_stream(uint64_t s) { return reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(s)); }
 
-// view = (peers, rank, num_ranks, dispatch_region_bytes, combine_region_bytes, epoch, blocks_base,
-//         timeout_ns, err_record): moe_comm/backends/cuda_memory.py builds it.
+// view = (peers, rank, num_ranks, dispatch_region_bytes, combine_region_bytes, timeout_ns, err_record):
+// moe_comm/backends/cuda_memory.py builds it. No per-call state: the epochs live in the header.
 PeerView peer_view(const py::tuple& t) {
-  if (t.size() != 9) throw Error("view: expected a 9-tuple, got " + std::to_string(t.size()) + " items", __FILE__, __LINE__);
+  if (t.size() != 7) throw Error("view: expected a 7-tuple, got " + std::to_string(t.size()) + " items", __FILE__, __LINE__);
   PeerView v;
   v.peers = as_ptr<uint8_t* const>(t[0].cast<uint64_t>(), "view.peers");
   v.rank = t[1].cast<int>();
   v.num_ranks = t[2].cast<int>();
   v.dispatch_region_bytes = t[3].cast<size_t>();
   v.combine_region_bytes = t[4].cast<size_t>();
-  v.epoch = t[5].cast<int>();
-  v.blocks_base = t[6].cast<int>();
-  v.timeout_ns = t[7].cast<long long>();
-  v.err = as_ptr<TimeoutRecord>(t[8].cast<uint64_t>(), "view.err");
+  v.epoch = 0;
+  v.timeout_ns = t[5].cast<long long>();
+  v.err = as_ptr<TimeoutRecord>(t[6].cast<uint64_t>(), "view.err");
   return v;
 }
 
@@ -91,7 +90,14 @@ PYBIND11_MODULE(_C, m) {
   slots["combine_free"] = int(kSlotCombineFree);
   slots["barrier"] = int(kSlotBarrier);
   slots["blocks_done"] = int(kSlotBlocksDone);
+  slots["epochs"] = int(kSlotEpochs);
   m.attr("HEADER_SLOTS") = slots;
+  py::dict kernels;  // index of each kernel's counters in the blocks_done and epochs slot arrays
+  kernels["dispatch_send"] = int(kDispatchSend);
+  kernels["dispatch_recv"] = int(kDispatchRecv);
+  kernels["combine_send"] = int(kCombineSend);
+  kernels["combine_recv"] = int(kCombineRecv);
+  m.attr("KERNEL_IDS") = kernels;
   py::dict phases;
   phases["barrier"] = int(kPhaseBarrier);
   phases["dispatch_free"] = int(kPhaseDispatchFree);

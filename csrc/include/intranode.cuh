@@ -22,8 +22,7 @@ struct PeerView {
   int num_ranks;
   size_t dispatch_region_bytes;
   size_t combine_region_bytes;
-  int epoch;                   // this call's epoch (1, 2, ...): flags are compared against it, never reset
-  int blocks_base;             // the kernel's finished-block counter before this launch
+  int epoch;                   // set on the device by launch_view (the host passes 0): this launch's epoch
   long long timeout_ns;        // bound on every spin wait, in nanoseconds of the global timer
   TimeoutRecord* err;          // host-mapped error record
 };
@@ -157,7 +156,6 @@ inline void check_peer_view(const PeerView& v) {
   MC_CHECK(v.peers != nullptr, "peers: null peer table");
   MC_CHECK(v.num_ranks >= 1 && v.num_ranks <= 8, "num_ranks must be in [1, 8]");
   MC_CHECK(v.rank >= 0 && v.rank < v.num_ranks, "rank must be in [0, num_ranks)");
-  MC_CHECK(v.epoch >= 1, "epoch must be >= 1");
   MC_CHECK(v.timeout_ns > 0, "timeout_ns must be > 0");
   MC_CHECK(v.err != nullptr, "err: null timeout record");
   MC_CHECK(v.dispatch_region_bytes % 128 == 0 && v.combine_region_bytes % 128 == 0,
@@ -169,12 +167,27 @@ constexpr int kIntranodeThreads = 512;  // threads per block of every intranode 
 
 __device__ __forceinline__ int* header_of(const PeerView& v, int rank) { return reinterpret_cast<int*>(v.peers[rank]); }
 
+// The view a kernel of the protocol runs with: the host's, at one past the last epoch `kernel` completed on
+// this rank (flags are compared against epochs, which only grow, so nothing is ever reset between calls).
+__device__ __forceinline__ PeerView launch_view(const PeerView& host, int kernel) {
+  PeerView v = host;
+  v.epoch = ld_acquire_sys(header_of(v, v.rank) + kSlotEpochs + kernel) + 1;
+  return v;
+}
+
+// In the last block of a launch: this rank's `kernel` completed the view's epoch. Every block read the old
+// value at its start, before it counted itself finished.
+__device__ __forceinline__ void complete_epoch(const PeerView& v, int kernel) {
+  header_of(v, v.rank)[kSlotEpochs + kernel] = v.epoch;
+}
+
 // The end of a kernel of the protocol: after every block's work, the last block to finish (counter `kernel`)
 // releases this rank's entry of header slot array `slot` on every rank to the view's epoch.
 __device__ __forceinline__ void release_on_every_rank_when_done(const PeerView& v, int kernel, int slot) {
   __syncthreads();
-  if (threadIdx.x == 0 && last_block_to_finish(header_of(v, v.rank) + kSlotBlocksDone + kernel, v.blocks_base)) {
+  if (threadIdx.x == 0 && last_block_to_finish(header_of(v, v.rank) + kSlotBlocksDone + kernel)) {
     for (int d = 0; d < v.num_ranks; ++d) st_release_sys(header_of(v, d) + slot + v.rank, v.epoch);
+    complete_epoch(v, kernel);
   }
 }
 

@@ -25,10 +25,16 @@ enum HeaderSlot : int {
   kSlotCombineFlag = kSlotDispatchFree + kMaxRanks,    // [R] by expert rank d: epoch whose rows are in region d
   kSlotCombineFree = kSlotCombineFlag + kMaxRanks,     // [R] by token owner s: epoch it has reduced
   kSlotBarrier = kSlotCombineFree + kMaxRanks,         // [R] by rank r: barriers r has entered
-  kSlotBlocksDone = kSlotBarrier + kMaxRanks,          // [kNumKernels] local: finished blocks per kernel
-  kHeaderInts = kSlotBlocksDone + 8,
+  kSlotBlocksDone = kSlotBarrier + kMaxRanks,          // [kNumKernels] local: blocks of the running launch done
+  // [kNumKernels] local: the last epoch each kernel completed on this rank. A launch runs at one past it and its
+  // last block stores that back, so epochs live on the device and a kernel's arguments are the same at every
+  // call (a captured CUDA graph replays correctly). Sends and receives count apart, so a send issued before
+  // the previous receive of its family ran waits (and times out) instead of reusing that receive's epoch.
+  kSlotEpochs = kSlotBlocksDone + 8,
+  kHeaderInts = kSlotEpochs + 8,
 };
 
+// The protocol's kernels, for their header counters; the low-latency combine kernels count as the combine's.
 enum KernelId : int { kDispatchSend = 0, kDispatchRecv = 1, kCombineSend = 2, kCombineRecv = 3, kNumKernels = 4 };
 
 __host__ __device__ constexpr size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }

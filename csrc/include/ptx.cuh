@@ -96,13 +96,16 @@ __device__ __forceinline__ bool block_wait_all_ranks(const int* header, int slot
 
 // Called by thread 0 of every block once the block's memory operations are issued: makes them visible
 // system-wide and counts the block. Returns true in exactly one block, the last to finish, which may then
-// publish the kernel's completion (the fences on both sides order the other blocks' writes before it).
-// `base` is the counter's value before this launch (tracked by the host, so no reset is needed).
-__device__ __forceinline__ bool last_block_to_finish(int* counter, int base) {
+// publish the kernel's completion (the fences on both sides order the other blocks' writes before it). The
+// last block puts the counter back to 0 for the next launch, which the stream orders after this one, so the
+// launch arguments carry no counter state (a captured CUDA graph replays correctly).
+__device__ __forceinline__ bool last_block_to_finish(int* counter) {
   __threadfence_system();
-  const int old = atomicAdd(counter, 1);
-  const bool last = unsigned(old) + 1u == unsigned(base) + gridDim.x;
-  if (last) __threadfence_system();
+  const bool last = atomicAdd(counter, 1) + 1 == int(gridDim.x);
+  if (last) {
+    __threadfence_system();
+    atomicExch(counter, 0);  // every other block has counted: nothing else touches it during this launch
+  }
   return last;
 }
 

@@ -13,7 +13,7 @@ namespace moe_comm {
 namespace {
 
 __global__ void __launch_bounds__(kIntranodeThreads) combine_send_kernel(CombineSendArgs a) {
-  const PeerView& v = a.view;
+  const PeerView v = launch_view(a.view, kCombineSend);
   int* own = header_of(v, v.rank);
   // Every token owner must have reduced what we returned in the previous epoch.
   if (!block_wait_all_ranks(own, kSlotCombineFree, v.num_ranks, v.epoch - 1, v.timeout_ns, v.err, v.rank,
@@ -56,7 +56,7 @@ template <typename T>
 __global__ void __launch_bounds__(kIntranodeThreads) combine_recv_kernel(CombineRecvArgs a) {
   using AccT = typename Acc<T>::type;
   constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
-  const PeerView& v = a.view;
+  const PeerView v = launch_view(a.view, kCombineRecv);
   int* own = header_of(v, v.rank);
   if (!block_wait_all_ranks(own, kSlotCombineFlag, v.num_ranks, v.epoch, v.timeout_ns, v.err, v.rank,
                             kPhaseCombineArrive))

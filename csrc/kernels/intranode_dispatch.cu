@@ -92,7 +92,7 @@ __device__ __forceinline__ void cast_row_to_records(const DispatchSendArgs& a, c
 }
 
 __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_send_kernel(DispatchSendArgs a) {
-  const PeerView& v = a.view;
+  const PeerView v = launch_view(a.view, kDispatchSend);
   int* own = header_of(v, v.rank);
   // Every destination must have read out what we wrote in the previous epoch before we overwrite it.
   if (!block_wait_all_ranks(own, kSlotDispatchFree, v.num_ranks, v.epoch - 1, v.timeout_ns, v.err, v.rank,
@@ -126,17 +126,18 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_send_kernel(Dis
   }
 
   __syncthreads();
-  if (threadIdx.x == 0 && last_block_to_finish(own + kSlotBlocksDone + kDispatchSend, v.blocks_base)) {
+  if (threadIdx.x == 0 && last_block_to_finish(own + kSlotBlocksDone + kDispatchSend)) {
     for (int d = 0; d < v.num_ranks; ++d) {
       int* peer = header_of(v, d);
       peer[kSlotDispatchCount + v.rank] = a.num_tokens_per_rank[d];
       st_release_sys(peer + kSlotDispatchFlag + v.rank, v.epoch);
     }
+    complete_epoch(v, kDispatchSend);
   }
 }
 
 __global__ void __launch_bounds__(kIntranodeThreads) dispatch_recv_kernel(DispatchRecvArgs a) {
-  const PeerView& v = a.view;
+  const PeerView v = launch_view(a.view, kDispatchRecv);
   int* own = header_of(v, v.rank);
   if (!block_wait_all_ranks(own, kSlotDispatchFlag, v.num_ranks, v.epoch, v.timeout_ns, v.err, v.rank,
                             kPhaseDispatchArrive))

@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kThreads, 1) expert_major_kernel(ExpertMajorAr
 }
 
 __global__ void __launch_bounds__(kIntranodeThreads, 1) ll_combine_send_kernel(LowLatencyCombineSendArgs a) {
-  const PeerView& v = a.view;
+  const PeerView v = launch_view(a.view, kCombineSend);
   int* own = header_of(v, v.rank);
   // Every token rank must have summed what we returned in the previous combine-family epoch.
   if (!block_wait_all_ranks(own, kSlotCombineFree, v.num_ranks, v.epoch - 1, v.timeout_ns, v.err, v.rank,
@@ -118,7 +118,7 @@ template <typename T>
 __global__ void __launch_bounds__(kIntranodeThreads, 1) ll_combine_recv_kernel(LowLatencyCombineRecvArgs a) {
   using AccT = typename Acc<T>::type;
   constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
-  const PeerView& v = a.view;
+  const PeerView v = launch_view(a.view, kCombineRecv);
   int* own = header_of(v, v.rank);
   if (!block_wait_all_ranks(own, kSlotCombineFlag, v.num_ranks, v.epoch, v.timeout_ns, v.err, v.rank,
                             kPhaseCombineArrive))

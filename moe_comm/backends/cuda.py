@@ -36,6 +36,7 @@ from moe_comm.backends.base import (
 from moe_comm.backends.cuda_memory import SymmetricBuffer, round_region
 from moe_comm.backends.torch_backend import gather_count_matrix
 from moe_comm.collectives import StepContext, all_gather_rows, wait_all
+from moe_comm.events import is_capturing
 from moe_comm.fp8 import num_scale_blocks
 from moe_comm.layout import pad_to_alignment
 from moe_comm.types import DispatchHandle, LowLatencyHandle
@@ -156,6 +157,11 @@ class CudaBackend(CommBackend):
         mem = self._mem
         if mem is not None and mem.dispatch_region_bytes >= dispatch_bytes and mem.combine_region_bytes >= combine_bytes:
             return mem
+        if is_capturing():
+            raise RuntimeError(
+                f"rank {self.context.rank} {op}: the symmetric buffers must grow (to {dispatch_bytes} dispatch and "
+                f"{combine_bytes} combine bytes per region), which cannot happen while a CUDA graph is captured; run "
+                "the step once before capturing it, or size the Buffer with num_max_tokens=")
         want_dispatch = round_region(max(dispatch_bytes, self._min_dispatch_bytes, mem.dispatch_region_bytes if mem else 0))
         want_combine = round_region(max(combine_bytes, self._min_combine_bytes, mem.combine_region_bytes if mem else 0))
         if mem is not None:
@@ -227,13 +233,12 @@ class CudaBackend(CommBackend):
         num_topk = 0 if request.topk_idx is None else request.topk_idx.shape[1]
         record = ops.dispatch_record_bytes(row_bytes, num_scales, num_topk)
         mem = self._buffers("dispatch", max(plan.max_rows, 1) * record, 0)
-        epoch = mem.next_epoch("dispatch")
         out = ops.allocate_dispatch_outputs(plan, x, num_scales, num_topk, request.topk_weights is not None,
                                             with_src=cached is None, padded=worst > 0)
         stream = torch.cuda.current_stream(self._device)
-        ops.dispatch_send(mem, plan, epoch, x, scales, request.topk_idx, request.topk_weights,
+        ops.dispatch_send(mem, plan, x, scales, request.topk_idx, request.topk_weights,
                           request.num_experts // world, request.num_sms, stream)
-        ops.dispatch_recv(mem, plan, epoch, out, request.num_sms, stream)
+        ops.dispatch_recv(mem, plan, out, request.num_sms, stream)
 
         if cached is None:
             in_rank_t = plan.is_token_in_rank.t()
@@ -297,14 +302,13 @@ class CudaBackend(CommBackend):
         num_topk = 0 if weights is None else weights.shape[1]
         record = ops.combine_record_bytes(ops.row_bytes_of(x), num_topk)
         mem = self._buffers("combine", 0, max(plan.max_rows, 1) * record)
-        epoch = mem.next_epoch("combine")
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         bias = tuple(None if b is None else b.to(self._device, acc).contiguous() for b in request.bias)
         out = torch.empty(handle.num_tokens, x.shape[1], dtype=x.dtype, device=self._device)
         out_weights = None if weights is None else torch.empty(handle.num_tokens, num_topk, dtype=torch.float32, device=self._device)
         stream = torch.cuda.current_stream(self._device)
-        ops.combine_send(mem, plan, epoch, x, weights, request.num_sms, stream)
-        ops.combine_recv(mem, plan, epoch, out, out_weights, (bias[0], bias[1]), request.num_sms, stream)
+        ops.combine_send(mem, plan, x, weights, request.num_sms, stream)
+        ops.combine_recv(mem, plan, out, out_weights, (bias[0], bias[1]), request.num_sms, stream)
         return CombineOutput(combined_x=out, combined_topk_weights=out_weights, finish=lambda: mem.raise_if_failed("combine"))
 
     # ------------------------------------------------------------------------------------------------
@@ -340,10 +344,9 @@ class CudaBackend(CommBackend):
         # Sized for the combine of these rows too (bf16 expert outputs, one per choice), so that a combine does
         # not reallocate the buffers while a hooked receive of this dispatch may still be pending.
         mem = self._buffers("low_latency_dispatch", max_tokens * record, max_tokens * num_topk * hidden * 2)
-        epoch = mem.next_epoch("dispatch")
         rows = ops.allocate_dispatch_outputs(plan, x, num_scales, num_topk, False, with_src=True, padded=True, dtype=wire_dtype)
         stream = torch.cuda.current_stream(self._device)
-        ops.dispatch_send(mem, plan, epoch, x, None, topk_idx, None, epr, sms, stream, cast_fp8=use_fp8)
+        ops.dispatch_send(mem, plan, x, None, topk_idx, None, epr, sms, stream, cast_fp8=use_fp8)
 
         dev = self._device
         recv_x = torch.empty(epr, slots, hidden, dtype=wire_dtype, device=dev)
@@ -362,7 +365,7 @@ class CudaBackend(CommBackend):
 
         def receive() -> None:
             with self._on_own_stream():
-                ops.dispatch_recv(mem, plan, epoch, rows, sms, self._stream)
+                ops.dispatch_recv(mem, plan, rows, sms, self._stream)
                 ops.expert_major(rows, recv_x, recv_scales, recv_count, src_token_idx, src_rank, layout_range, slot_of,
                                  sms, self._stream)
             torch.cuda.current_stream(dev).wait_stream(self._stream)
@@ -391,14 +394,13 @@ class CudaBackend(CommBackend):
         # One round trip: every (token, choice) output row goes back to the token's rank, which weights them.
         mem = self._buffers("low_latency_combine", 0, max_tokens * num_topk * hidden * x.element_size())
         stream = torch.cuda.current_stream(dev)
-        epoch = mem.next_epoch("combine")
-        ops.low_latency_combine_send(mem, epoch, x.reshape(-1, hidden), state["slot_of"], rows, max_tokens, sms, stream)
+        ops.low_latency_combine_send(mem, x.reshape(-1, hidden), state["slot_of"], rows, max_tokens, sms, stream)
         combined = out if out is not None else torch.empty(handle.num_tokens, hidden, dtype=x.dtype, device=dev)
         weights = topk_weights.to(torch.float32).contiguous()
 
         def receive() -> None:
             with self._on_own_stream():
-                ops.low_latency_combine_recv(mem, epoch, topk_idx, weights, combined, handle.num_experts // handle.num_ranks,
+                ops.low_latency_combine_recv(mem, topk_idx, weights, combined, handle.num_experts // handle.num_ranks,
                                              max_tokens, sms, self._stream)
             torch.cuda.current_stream(dev).wait_stream(self._stream)
             mem.raise_if_failed("low_latency_combine")

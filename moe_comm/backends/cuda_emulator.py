@@ -127,18 +127,17 @@ class MultiRankEmulator:
                                               with_src=True, padded=False, dtype=torch.float8_e4m3fn if cast_fp8 else None)
                 for d in range(r)
             ]
-        epochs = [buf.next_epoch("dispatch") for buf in self.buffers]
         self.follow(torch.cuda.current_stream(self.device))  # inputs were made on the caller's stream
         self.join()
         for rank in range(r):
             with torch.cuda.stream(self.streams[rank]):
-                ops.dispatch_send(self.buffers[rank], plans[rank], epochs[rank], x[rank], scales[rank], idx[rank],
+                ops.dispatch_send(self.buffers[rank], plans[rank], x[rank], scales[rank], idx[rank],
                                   weights[rank], num_experts // r if num_experts else 1, num_sms, self.streams[rank],
                                   cast_fp8=cast_fp8)
         self.join()
         for rank in range(r):
             with torch.cuda.stream(self.streams[rank]):
-                ops.dispatch_recv(self.buffers[rank], plans[rank], epochs[rank], outputs[rank], num_sms, self.streams[rank])
+                ops.dispatch_recv(self.buffers[rank], plans[rank], outputs[rank], num_sms, self.streams[rank])
         return list(outputs)
 
     @staticmethod
@@ -168,15 +167,14 @@ class MultiRankEmulator:
         weights_out: list[torch.Tensor | None] = list(weight_outputs) if weight_outputs is not None else [None] * r
         if outputs is None:
             outputs = [torch.empty(p.is_token_in_rank.shape[0], x[d].shape[1], dtype=x[d].dtype, device=self.device) for d, p in enumerate(plans)]
-        epochs = [buf.next_epoch("combine") for buf in self.buffers]
         self.follow(torch.cuda.current_stream(self.device))
         self.join()
         for rank in range(r):
             with torch.cuda.stream(self.streams[rank]):
-                ops.combine_send(self.buffers[rank], plans[rank], epochs[rank], x[rank], weights[rank], num_sms, self.streams[rank])
+                ops.combine_send(self.buffers[rank], plans[rank], x[rank], weights[rank], num_sms, self.streams[rank])
         self.join()
         for rank in range(r):
             with torch.cuda.stream(self.streams[rank]):
-                ops.combine_recv(self.buffers[rank], plans[rank], epochs[rank], outputs[rank], weights_out[rank], (None, None),
+                ops.combine_recv(self.buffers[rank], plans[rank], outputs[rank], weights_out[rank], (None, None),
                                  num_sms, self.streams[rank])
         return list(outputs)

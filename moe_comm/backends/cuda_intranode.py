@@ -162,7 +162,6 @@ def allocate_dispatch_outputs(
 def dispatch_send(
     buf: SymmetricBuffer,
     plan: RoutingPlan,
-    epoch: int,
     x: torch.Tensor,
     x_scales: torch.Tensor | None,
     topk_idx: torch.Tensor | None,
@@ -192,36 +191,33 @@ def dispatch_send(
         x = x.clone()
     num_topk = 0 if topk_idx is None else topk_idx.shape[1]
     record = dispatch_record_bytes(row_bytes, num_scales, num_topk)
-    with buf.launch("dispatch_send", epoch, num_sms) as view:
-        _ext().dispatch_send(
-            view, _ptr(x), _ptr(x_scales), _ptr(topk_idx), _ptr(topk_weights),
-            _ptr(plan.is_token_in_rank), _ptr(plan.send_pos), plan.num_tokens_per_rank.data_ptr(), x.shape[0], row_bytes,
-            num_scales, num_topk, experts_per_rank, buf.capacity_rows(record, "dispatch"), cast_dtype, num_sms,
-            stream.cuda_stream,
-        )
+    _ext().dispatch_send(
+        buf.view(), _ptr(x), _ptr(x_scales), _ptr(topk_idx), _ptr(topk_weights),
+        _ptr(plan.is_token_in_rank), _ptr(plan.send_pos), plan.num_tokens_per_rank.data_ptr(), x.shape[0], row_bytes,
+        num_scales, num_topk, experts_per_rank, buf.capacity_rows(record, "dispatch"), cast_dtype, num_sms,
+        stream.cuda_stream,
+    )
 
 
 def dispatch_recv(
-    buf: SymmetricBuffer, plan: RoutingPlan, epoch: int, out: DispatchOutputs, num_sms: int, stream: torch.cuda.Stream
+    buf: SymmetricBuffer, plan: RoutingPlan, out: DispatchOutputs, num_sms: int, stream: torch.cuda.Stream
 ) -> None:
-    """Wait for every source's rows of this epoch and copy them into ``out`` in (source rank, token) order."""
+    """Wait for every source's rows of this call and copy them into ``out`` in (source rank, token) order."""
     row_bytes = row_bytes_of(out.recv_x)
     num_scales = 0 if out.recv_scales is None else out.recv_scales.shape[1]
     num_topk = 0 if out.recv_topk_idx is None else out.recv_topk_idx.shape[1]
     record = dispatch_record_bytes(row_bytes, num_scales, num_topk)
-    with buf.launch("dispatch_recv", epoch, num_sms) as view:
-        _ext().dispatch_recv(
-            view, _ptr(out.recv_x), _ptr(out.recv_scales), _ptr(out.recv_topk_idx),
-            _ptr(out.recv_topk_weights), _ptr(out.recv_src_idx), _ptr(out.recv_src_rank), out.recv_counts.data_ptr(),
-            plan.num_recv_rows, row_bytes, num_scales, num_topk, buf.capacity_rows(record, "dispatch"), num_sms,
-            stream.cuda_stream,
-        )
+    _ext().dispatch_recv(
+        buf.view(), _ptr(out.recv_x), _ptr(out.recv_scales), _ptr(out.recv_topk_idx),
+        _ptr(out.recv_topk_weights), _ptr(out.recv_src_idx), _ptr(out.recv_src_rank), out.recv_counts.data_ptr(),
+        plan.num_recv_rows, row_bytes, num_scales, num_topk, buf.capacity_rows(record, "dispatch"), num_sms,
+        stream.cuda_stream,
+    )
 
 
 def combine_send(
     buf: SymmetricBuffer,
     plan: RoutingPlan,
-    epoch: int,
     x: torch.Tensor,
     topk_weights: torch.Tensor | None,
     num_sms: int,
@@ -233,17 +229,15 @@ def combine_send(
         x = x.clone()
     num_topk = 0 if topk_weights is None else topk_weights.shape[1]
     record = combine_record_bytes(row_bytes, num_topk)
-    with buf.launch("combine_send", epoch, num_sms) as view:
-        _ext().combine_send(
-            view, _ptr(x), _ptr(topk_weights), plan.recv_counts.data_ptr(), row_bytes,
-            num_topk, buf.capacity_rows(record, "combine"), num_sms, stream.cuda_stream,
-        )
+    _ext().combine_send(
+        buf.view(), _ptr(x), _ptr(topk_weights), plan.recv_counts.data_ptr(), row_bytes,
+        num_topk, buf.capacity_rows(record, "combine"), num_sms, stream.cuda_stream,
+    )
 
 
 def combine_recv(
     buf: SymmetricBuffer,
     plan: RoutingPlan,
-    epoch: int,
     out: torch.Tensor,
     out_weights: torch.Tensor | None,
     bias: tuple[torch.Tensor | None, torch.Tensor | None],
@@ -255,12 +249,11 @@ def combine_recv(
     row_bytes = row_bytes_of(out)
     num_topk = 0 if out_weights is None else out_weights.shape[1]
     record = combine_record_bytes(row_bytes, num_topk)
-    with buf.launch("combine_recv", epoch, num_sms) as view:
-        _ext().combine_recv(
-            view, _ptr(plan.is_token_in_rank), _ptr(plan.send_pos), _ptr(bias[0]),
-            _ptr(bias[1]), _ptr(out), _ptr(out_weights), out.shape[0], out.shape[1], num_topk,
-            buf.capacity_rows(record, "combine"), dtype_code(out.dtype), num_sms, stream.cuda_stream,
-        )
+    _ext().combine_recv(
+        buf.view(), _ptr(plan.is_token_in_rank), _ptr(plan.send_pos), _ptr(bias[0]),
+        _ptr(bias[1]), _ptr(out), _ptr(out_weights), out.shape[0], out.shape[1], num_topk,
+        buf.capacity_rows(record, "combine"), dtype_code(out.dtype), num_sms, stream.cuda_stream,
+    )
 
 
 def expert_major(
@@ -299,7 +292,6 @@ def expert_major(
 
 def low_latency_combine_send(
     buf: SymmetricBuffer,
-    epoch: int,
     x: torch.Tensor,
     slot_of: torch.Tensor,
     rows: DispatchOutputs,
@@ -309,21 +301,19 @@ def low_latency_combine_send(
 ) -> None:
     """Return every (received row, top-k choice) output row of ``x [E * N, H]`` (expert-major, as
     :func:`expert_major` laid the rows out; ``slot_of [N, K]`` names the row of each choice) to slot
-    ``t * K + k`` of this rank's combine region on the token's rank. A "combine"-family epoch."""
+    ``t * K + k`` of this rank's combine region on the token's rank (the combine family's send kernel)."""
     assert rows.recv_src_idx is not None and rows.recv_src_rank is not None
     if x.data_ptr() % 16:
         x = x.clone()
     n, k = slot_of.shape
-    with buf.launch("combine_send", epoch, num_sms) as view:
-        _ext().low_latency_combine_send(
-            view, _ptr(x), _ptr(slot_of), _ptr(rows.recv_src_idx), _ptr(rows.recv_src_rank), n, k, max_tokens,
-            row_bytes_of(x), num_sms, stream.cuda_stream,
-        )
+    _ext().low_latency_combine_send(
+        buf.view(), _ptr(x), _ptr(slot_of), _ptr(rows.recv_src_idx), _ptr(rows.recv_src_rank), n, k, max_tokens,
+        row_bytes_of(x), num_sms, stream.cuda_stream,
+    )
 
 
 def low_latency_combine_recv(
     buf: SymmetricBuffer,
-    epoch: int,
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor,
     out: torch.Tensor,
@@ -337,11 +327,10 @@ def low_latency_combine_recv(
     if out.data_ptr() % 16:
         raise ValueError("out: the low-latency combine writes 16-byte vectors; pass a 16-byte aligned tensor")
     t, k = topk_idx.shape
-    with buf.launch("combine_recv", epoch, num_sms) as view:
-        _ext().low_latency_combine_recv(
-            view, _ptr(topk_idx), _ptr(topk_weights), _ptr(out), t, k, out.shape[1], experts_per_rank, max_tokens,
-            dtype_code(out.dtype), num_sms, stream.cuda_stream,
-        )
+    _ext().low_latency_combine_recv(
+        buf.view(), _ptr(topk_idx), _ptr(topk_weights), _ptr(out), t, k, out.shape[1], experts_per_rank, max_tokens,
+        dtype_code(out.dtype), num_sms, stream.cuda_stream,
+    )
 
 
 def per_token_cast_fp8(x: torch.Tensor, num_sms: int = 132) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,10 @@ Every rank owns one buffer of the same size (layout in csrc/include/layout.cuh a
 and a device table of R base pointers: its own buffer at ``[rank]`` and the others' buffers, opened through
 CUDA IPC (``SymmetricBuffer.allocate_ipc``, one process per rank) or, when all ranks live in one process (the
 single-GPU emulator), the plain pointers (``SymmetricBuffer.allocate_local``). The kernels compare header
-flags against per-call *epochs* that only grow, so nothing is ever reset between calls; the host tracks the
-epochs and each kernel's finished-block counter here, identically on every rank.
+flags against per-call *epochs* that only grow, so nothing is ever reset between calls. The epochs and the
+finished-block counters live in the header, on the device (each launch reads its epoch there and its last
+block advances it), so every launch of a buffer takes the same arguments: a CUDA graph captured on it replays
+correctly, as long as every rank replays the same sequence of calls.
 
 Errors: each buffer has a host-mapped :data:`TimeoutRecord` the kernels fill when a bounded wait expires or a
 capacity check fails; :meth:`SymmetricBuffer.raise_if_failed` turns it into a :class:`CommTimeoutError` naming
@@ -18,9 +20,7 @@ the rank, the peer, the phase and the counters (a :class:`BufferCapacityError` f
 from __future__ import annotations
 
 import atexit
-import contextlib
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,7 +32,6 @@ from moe_comm.errors import BufferCapacityError, CommTimeoutError
 __all__ = ["SymmetricBuffer", "REGION_ALIGN"]
 
 REGION_ALIGN = 1 << 20  # regions grow in whole MiB
-_KERNELS = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")
 _live: weakref.WeakSet[SymmetricBuffer] = weakref.WeakSet()
 
 
@@ -96,8 +95,6 @@ class SymmetricBuffer:
         self.error_record = torch.zeros(8, dtype=torch.int32).pin_memory()
         self.timeout_s = timeout_s
         self.timeout_ns = max(1, int(timeout_s * 1e9))  # the kernels measure it on the GPU's global timer
-        self.epochs = {"dispatch": 0, "combine": 0}
-        self.blocks_done = dict.fromkeys(_KERNELS, 0)
         self.destroyed = False
         _live.add(self)
 
@@ -168,32 +165,12 @@ class SymmetricBuffer:
     # ------------------------------------------------------------------------------------------------
     # protocol state
 
-    def next_epoch(self, family: str) -> int:
-        """Advance and return the epoch of ``family`` ("dispatch" or "combine")."""
-        self.epochs[family] += 1
-        return self.epochs[family]
-
-    def view(self, kernel: str, epoch: int, num_blocks: int) -> tuple:
-        """The kernels' ``PeerView`` tuple for one launch of ``kernel`` with ``num_blocks`` blocks."""
+    def view(self) -> tuple:
+        """The kernels' ``PeerView`` tuple (the same for every launch on this buffer: no per-call state)."""
         if self.destroyed:
             raise RuntimeError(f"rank {self.rank}: the CUDA symmetric buffer was destroyed")
-        base = self.blocks_done[kernel]
-        self.blocks_done[kernel] = (base + num_blocks + 2**31) % 2**32 - 2**31
         return (self.peer_table.data_ptr(), self.rank, self.num_ranks, self.dispatch_region_bytes,
-                self.combine_region_bytes, epoch, base, self.timeout_ns, self.error_record.data_ptr())
-
-    @contextlib.contextmanager
-    def launch(self, kernel: str, epoch: int, num_blocks: int) -> Iterator[tuple]:
-        """:meth:`view` for a launch made in the body; if the body raises (the launcher rejected its
-        arguments, so no block ran), the finished-block counter is put back, or every later launch of
-        ``kernel`` would wait for a last block that never comes."""
-        base = self.blocks_done[kernel]
-        view = self.view(kernel, epoch, num_blocks)
-        try:
-            yield view
-        except BaseException:
-            self.blocks_done[kernel] = base
-            raise
+                self.combine_region_bytes, self.timeout_ns, self.error_record.data_ptr())
 
     def capacity_rows(self, record_bytes: int, family: str) -> int:
         region = self.dispatch_region_bytes if family == "dispatch" else self.combine_region_bytes

@@ -13,19 +13,22 @@ import contextlib
 import functools
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from moe_comm import Buffer
-from moe_comm.backends.cuda import extension
 from moe_comm.errors import BufferCapacityError, CommTimeoutError
 from moe_comm.fp8 import per_token_cast_to_fp8
 from tests.conformance import Case, make_inputs
 from tests.cuda_model.install import MODEL_BACKEND, ModelConfig, install, launcher_replaced, stream_tracker
-from tests.cuda_model.kernels import KERNEL_IDS, raw
+from tests.cuda_model.kernels import LAUNCHERS, raw
+from tests.graph_steps import make_step
 
 
 def on_model(config: ModelConfig, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
@@ -194,31 +197,85 @@ def check_stream_order(case: Case) -> None:
         completes("low_latency_combine + hook", lambda: hooked(buf.low_latency_combine(ll.recv_x, idx, w, ll.handle, return_recv_hook=True)))
 
 
-def check_block_counters_wrap(case: Case, rounds: int = 3) -> None:
-    """Start every kernel's finished-block counter (host base and device slot alike) just below 2^31, so the
-    next launches cross the int32 boundary: every round still equals the first (the model asserts that the
-    device counter equals the host's base at every launch)."""
+class _KeepAlive(TorchDispatchMode):
+    """Keeps every tensor an op makes in the body alive, as a CUDA graph's memory pool keeps its allocations."""
+
+    def __init__(self, keep: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        self.keep.extend(t for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        return out
+
+
+@dataclass
+class LaunchLog:
+    """The kernel launches of a recorded body (launcher, arguments) and every tensor the body made."""
+
+    launches: list[tuple[Callable[..., None], tuple]] = field(default_factory=list)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+    def views(self) -> set[tuple]:
+        """The distinct ``PeerView`` tuples the protocol kernels were launched with."""
+        return {args[0] for _, args in self.launches if args and isinstance(args[0], tuple)}
+
+    def replay(self) -> None:
+        """Launch every recorded kernel again, in order, with the same arguments (the same memory)."""
+        for launch, args in self.launches:
+            launch(*args)
+
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[LaunchLog]:
+    """The model's stand-in for capturing a CUDA graph: the body runs as usual, and the log gets every kernel
+    launch it made, to launch again with :meth:`LaunchLog.replay`; every tensor the body makes stays alive as
+    long as the log (as a graph's memory pool keeps its allocations), so those arguments stay valid."""
+    log = LaunchLog()
+
+    def recording(launch: Callable[..., None]) -> Callable[..., None]:
+        def launch_and_record(*args: Any) -> None:
+            launch(*args)
+            log.launches.append((launch, args))
+        return launch_and_record
+
+    with contextlib.ExitStack() as stack:
+        for name in LAUNCHERS:
+            stack.enter_context(launcher_replaced(name, recording))
+        stack.enter_context(_KeepAlive(log.tensors))
+        yield log
+
+
+def check_replayed_launches(case: Case, kind: str, replays: int = 2) -> None:
+    """What a CUDA graph of a decode step needs from the kernels' arguments: the launches one step made, launched
+    again on the same memory after new inputs were written into ``step.x`` (the step's torch ops in between run
+    again too), give bitwise what an eager step on those inputs gives; eager steps on the same Buffer interleave
+    with the replays. Host-side epochs or finished-block bases in the arguments would fail here."""
     rank, world = dist.get_rank(), dist.get_world_size()
     x, idx, w = make_inputs(case, rank, world)
     num_experts = case.experts_per_rank * world
+    max_tokens = case.tokens + 4
+    gen = torch.Generator().manual_seed(case.seed * 7919 + rank)
     with Buffer(backend=MODEL_BACKEND) as buf:
-        outputs = []
-        for round_ in range(rounds):
-            res = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts)
-            out = buf.combine(res.recv_x, res.handle, topk_weights=res.recv_topk_weights)
-            outputs.append((res.recv_x, out.combined_x, out.combined_topk_weights))
-            if round_ == 0:
-                mem = buf.backend._mem
-                assert mem is not None
-                ext = extension()
-                counters = raw(mem.base, ext.HEADER_BYTES // 4, torch.int32)[ext.HEADER_SLOTS["blocks_done"]:]
-                start = 2**31 - buf.num_sms - 1  # the second launch from here crosses 2^31
-                for kernel, kernel_id in KERNEL_IDS.items():
-                    mem.blocks_done[kernel] = start
-                    counters[kernel_id] = start
-        for later in outputs[1:]:
-            for a, b in zip(outputs[0], later, strict=True):
-                _assert_same(b, a, f"rank {rank} after the block counters wrapped")
+        graphed = make_step(kind, buf, x, idx, w, num_experts, max_tokens)
+        eager = make_step(kind, buf, x, idx, w, num_experts, max_tokens)
+        graphed()  # sizes the symmetric buffers, which a capture must not reallocate
+        with recorded_launches() as dispatch_launches:
+            graphed.dispatch()
+        graphed.expert()
+        with recorded_launches() as combine_launches:
+            out = graphed.combine()
+        views = dispatch_launches.views() | combine_launches.views()
+        assert len(views) == 1, f"rank {rank}: the launches of one step took {len(views)} different views"
+        for round_ in range(replays):
+            fresh = torch.randn(x.shape, generator=gen).to(x.dtype)
+            graphed.x.copy_(fresh)
+            dispatch_launches.replay()
+            graphed.expert()
+            combine_launches.replay()
+            eager.x.copy_(fresh)
+            _assert_same(out, eager(), f"rank {rank} {kind} replay {round_}")
 
 
 def check_missing_sender_times_out(case: Case, timeout_s: float = 1.0) -> None:

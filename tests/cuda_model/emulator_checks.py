@@ -258,7 +258,7 @@ def check_receive_alone_times_out() -> str:
     plans = emu.plan([idx, idx], 2, num_sms=1)
     out = ops.allocate_dispatch_outputs(plans[0], torch.empty(4, 64, device=dev), 0, 0, False, True, False)
     buf = emu.buffers[0]
-    ops.dispatch_recv(buf, plans[0], buf.next_epoch("dispatch"), out, 1, torch.cuda.current_stream())
+    ops.dispatch_recv(buf, plans[0], out, 1, torch.cuda.current_stream())
     torch.cuda.synchronize()
     try:
         buf.raise_if_failed("dispatch")

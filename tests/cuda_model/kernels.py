@@ -27,6 +27,7 @@ and the reduction are transcribed, not executed on a GPU). scripts/gpu_check.sh 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import mmap
 import os
 import re
@@ -40,10 +41,8 @@ import torch
 
 from moe_comm.fp8 import per_token_cast_to_fp8
 
-__all__ = ["DeviceMemory", "KernelModel", "PeerView", "RecordLayout", "model_extension", "raw"]
+__all__ = ["LAUNCHERS", "DeviceMemory", "KernelModel", "PeerView", "RecordLayout", "model_extension", "raw"]
 
-# csrc/include/layout.cuh KernelId: the finished-block counter of each kernel is header slot blocks_done + id.
-KERNEL_IDS = {"dispatch_send": 0, "dispatch_recv": 1, "combine_send": 2, "combine_recv": 3}
 # csrc/include/intranode.cuh DType: the combine reduction's row dtype, and the fused FP8 cast's source dtype, by code.
 COMBINE_DTYPES = {0: torch.bfloat16, 1: torch.float16, 2: torch.float32, 3: torch.float64}
 FP8_BLOCK = 128  # csrc/include/ptx.cuh kFp8Block: channels per scale
@@ -62,11 +61,6 @@ def raw(addr: int, count: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(0, dtype=dtype)
     assert addr != 0, "the kernel would dereference a null pointer"
     return torch.frombuffer((ctypes.c_uint8 * (count * dtype.itemsize)).from_address(addr), dtype=dtype)
-
-
-def wrap_int32(value: int) -> int:
-    """``value`` as a two's-complement int32 (what an int32 atomicAdd leaves in memory)."""
-    return (value + 2**31) % 2**32 - 2**31
 
 
 def warp_copy16(dst: int, src: int, nbytes: int) -> None:
@@ -151,22 +145,23 @@ class DeviceMemory:
 
 @dataclass(frozen=True)
 class PeerView:
-    """csrc/include/intranode.cuh PeerView, read from the host's 9-tuple as python_api.cpp peer_view() reads it:
-    ``(peers, rank, num_ranks, dispatch_region_bytes, combine_region_bytes, epoch, blocks_base, timeout_ns, err)``."""
+    """csrc/include/intranode.cuh PeerView as a kernel of the protocol runs with it: the host's 7-tuple, read as
+    python_api.cpp peer_view() reads it (``(peers, rank, num_ranks, dispatch_region_bytes, combine_region_bytes,
+    timeout_ns, err)``), plus the launch's epoch, which launch_view() reads from the header."""
 
     peers: list[int]
     rank: int
     num_ranks: int
     dispatch_region_bytes: int
     combine_region_bytes: int
-    epoch: int
-    blocks_base: int
     timeout_ns: int
     err: int
     header_bytes: int
+    epoch: int = 0
 
     @classmethod
     def parse(cls, view: tuple, header_bytes: int) -> PeerView:
+        assert len(view) == 7, f"the host passed a {len(view)}-tuple view"
         num_ranks = int(view[2])
         return cls(
             peers=raw(int(view[0]), num_ranks, torch.int64).tolist(),
@@ -174,10 +169,8 @@ class PeerView:
             num_ranks=num_ranks,
             dispatch_region_bytes=int(view[3]),
             combine_region_bytes=int(view[4]),
-            epoch=int(view[5]),
-            blocks_base=int(view[6]),
-            timeout_ns=int(view[7]),
-            err=int(view[8]),
+            timeout_ns=int(view[5]),
+            err=int(view[6]),
             header_bytes=header_bytes,
         )
 
@@ -236,10 +229,13 @@ class KernelModel:
         self.memory = memory
         self.on_launch = on_launch
         self.slot = dict(real.HEADER_SLOTS)
+        self.kernel_id = dict(real.KERNEL_IDS)
         self.phase = dict(real.PHASES)
 
-    def _view(self, view: tuple) -> PeerView:
-        return PeerView.parse(view, int(self.real.HEADER_BYTES))
+    def _view(self, view: tuple, kernel: str) -> PeerView:
+        """launch_view: the host's view at one past the last epoch ``kernel`` completed on this rank."""
+        v = PeerView.parse(view, int(self.real.HEADER_BYTES))
+        return dataclasses.replace(v, epoch=int(v.header(v.rank)[self.slot["epochs"] + self.kernel_id[kernel]]) + 1)
 
     def _record(self, row_bytes: int, num_scales: int, num_topk: int) -> RecordLayout:
         rec = RecordLayout.of(row_bytes, num_scales, num_topk)
@@ -275,20 +271,21 @@ class KernelModel:
             time.sleep(POLL_S)
 
     def _last_block_to_finish(self, v: PeerView, kernel: str, num_blocks: int) -> bool:
-        """last_block_to_finish, for every block of the grid in turn: each adds 1 to the kernel's int32 counter;
-        the block that sees ``unsigned(old) + 1 == unsigned(base) + gridDim.x`` is the last."""
+        """last_block_to_finish, for every block of the grid in turn: each adds 1 to the kernel's counter; the
+        block that brings it to gridDim.x is the last and puts it back to 0 for the next launch."""
         counter = v.header(v.rank)
-        index = self.slot["blocks_done"] + KERNEL_IDS[kernel]
-        assert int(counter[index]) == v.blocks_base, (
-            f"rank {v.rank} {kernel}: the device's finished-block counter is {int(counter[index])} but the host's "
-            f"blocks_base is {v.blocks_base}; no block would ever be the last"
+        index = self.slot["blocks_done"] + self.kernel_id[kernel]
+        assert int(counter[index]) == 0, (
+            f"rank {v.rank} {kernel}: the finished-block counter is {int(counter[index])} at a launch; a previous "
+            "launch did not finish, so no block of this one would be the last"
         )
-        last = False
-        for _ in range(num_blocks):
-            old = int(counter[index])
-            counter[index] = wrap_int32(old + 1)
-            last = last or (old + 1) % 2**32 == (v.blocks_base + num_blocks) % 2**32
-        return last
+        counter[index] = num_blocks
+        counter[index] = 0
+        return True
+
+    def _complete_epoch(self, v: PeerView, kernel: str) -> None:
+        """complete_epoch: in the last block, this rank's ``kernel`` completed the view's epoch."""
+        v.header(v.rank)[self.slot["epochs"] + self.kernel_id[kernel]] = v.epoch
 
     # -- csrc/kernels/intranode_dispatch.cu ------------------------------------------------------------
 
@@ -319,7 +316,7 @@ class KernelModel:
                      num_tokens_per_rank, num_tokens, row_bytes, num_scales, num_topk, experts_per_rank,
                      capacity_rows, cast_dtype, num_sms, stream)
         self.on_launch("dispatch_send", stream)
-        v = self._view(view)
+        v = self._view(view, "dispatch_send")
         if not self._wait_all_ranks(v, self.slot["dispatch_free"], v.epoch - 1, self.phase["dispatch_free"]):
             return
         rec = self._record(row_bytes, num_scales, num_topk)
@@ -355,6 +352,7 @@ class KernelModel:
                 peer = v.header(d)
                 peer[self.slot["dispatch_count"] + v.rank] = counts[d]
                 peer[self.slot["dispatch_flag"] + v.rank] = v.epoch  # st_release_sys
+            self._complete_epoch(v, "dispatch_send")
 
     def dispatch_recv(self, view: tuple, recv_x: int, recv_scales: int, recv_topk_idx: int, recv_topk_weights: int,
                       recv_src_idx: int, recv_src_rank: int, recv_counts: int, max_rows: int, row_bytes: int,
@@ -362,7 +360,7 @@ class KernelModel:
         call_binding(self.real.dispatch_recv, view, recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx,
                      recv_src_rank, recv_counts, max_rows, row_bytes, num_scales, num_topk, capacity_rows, num_sms, stream)
         self.on_launch("dispatch_recv", stream)
-        v = self._view(view)
+        v = self._view(view, "dispatch_recv")
         if not self._wait_all_ranks(v, self.slot["dispatch_flag"], v.epoch, self.phase["dispatch_arrive"]):
             return
         own = v.header(v.rank)
@@ -402,6 +400,7 @@ class KernelModel:
         if self._last_block_to_finish(v, "dispatch_recv", num_sms):
             for s in range(v.num_ranks):
                 v.header(s)[self.slot["dispatch_free"] + v.rank] = v.epoch  # st_release_sys
+            self._complete_epoch(v, "dispatch_recv")
 
     # -- csrc/kernels/intranode_combine.cu -------------------------------------------------------------
 
@@ -410,7 +409,7 @@ class KernelModel:
         call_binding(self.real.combine_send, view, x, topk_weights, recv_counts, row_bytes, num_topk, capacity_rows,
                      num_sms, stream)
         self.on_launch("combine_send", stream)
-        v = self._view(view)
+        v = self._view(view, "combine_send")
         if not self._wait_all_ranks(v, self.slot["combine_free"], v.epoch - 1, self.phase["combine_free"]):
             return
         counts = raw(recv_counts, v.num_ranks, torch.int32)
@@ -438,6 +437,7 @@ class KernelModel:
         if self._last_block_to_finish(v, "combine_send", num_sms):
             for s in range(v.num_ranks):
                 v.header(s)[self.slot["combine_flag"] + v.rank] = v.epoch  # st_release_sys
+            self._complete_epoch(v, "combine_send")
 
     def combine_recv(self, view: tuple, is_token_in_rank: int, send_pos: int, bias0: int, bias1: int, out: int,
                      out_weights: int, num_tokens: int, hidden: int, num_topk: int, capacity_rows: int, dtype: int,
@@ -445,7 +445,7 @@ class KernelModel:
         call_binding(self.real.combine_recv, view, is_token_in_rank, send_pos, bias0, bias1, out, out_weights,
                      num_tokens, hidden, num_topk, capacity_rows, dtype, num_sms, stream)
         self.on_launch("combine_recv", stream)
-        v = self._view(view)
+        v = self._view(view, "combine_recv")
         if not self._wait_all_ranks(v, self.slot["combine_flag"], v.epoch, self.phase["combine_arrive"]):
             return
         row_dtype = COMBINE_DTYPES[dtype]
@@ -480,6 +480,7 @@ class KernelModel:
         if self._last_block_to_finish(v, "combine_recv", num_sms):
             for d in range(ranks):
                 v.header(d)[self.slot["combine_free"] + v.rank] = v.epoch  # st_release_sys
+            self._complete_epoch(v, "combine_recv")
 
     # -- csrc/kernels/fp8_cast.cu, csrc/kernels/layout.cu -----------------------------------------------
 
@@ -488,7 +489,7 @@ class KernelModel:
         call_binding(self.real.low_latency_combine_send, view, x, slot_of, src_idx, src_rank, num_rows, num_topk,
                      max_tokens, row_bytes, num_sms, stream)
         self.on_launch("low_latency_combine_send", stream)
-        v = self._view(view)
+        v = self._view(view, "combine_send")
         if not self._wait_all_ranks(v, self.slot["combine_free"], v.epoch - 1, self.phase["combine_free"]):
             return
         slots = raw(slot_of, num_rows * num_topk, torch.int64)
@@ -508,6 +509,7 @@ class KernelModel:
         if self._last_block_to_finish(v, "combine_send", num_sms):
             for s in range(v.num_ranks):
                 v.header(s)[self.slot["combine_flag"] + v.rank] = v.epoch  # st_release_sys
+            self._complete_epoch(v, "combine_send")
 
     def low_latency_combine_recv(self, view: tuple, topk_idx: int, topk_weights: int, out: int, num_tokens: int,
                                  num_topk: int, hidden: int, experts_per_rank: int, max_tokens: int, dtype: int,
@@ -515,7 +517,7 @@ class KernelModel:
         call_binding(self.real.low_latency_combine_recv, view, topk_idx, topk_weights, out, num_tokens, num_topk, hidden,
                      experts_per_rank, max_tokens, dtype, num_sms, stream)
         self.on_launch("low_latency_combine_recv", stream)
-        v = self._view(view)
+        v = self._view(view, "combine_recv")
         if not self._wait_all_ranks(v, self.slot["combine_flag"], v.epoch, self.phase["combine_arrive"]):
             return
         row_dtype = COMBINE_DTYPES[dtype]
@@ -537,6 +539,7 @@ class KernelModel:
         if self._last_block_to_finish(v, "combine_recv", num_sms):
             for d in range(v.num_ranks):
                 v.header(d)[self.slot["combine_free"] + v.rank] = v.epoch  # st_release_sys
+            self._complete_epoch(v, "combine_recv")
 
     def expert_major(self, x: int, scales: int, local_ids: int, src_idx: int, src_rank: int, out_x: int, out_scales: int,
                      recv_count: int, out_src_idx: int, out_src_rank: int, layout_range: int, slot_of: int, row_of: int,
@@ -663,10 +666,10 @@ class KernelModel:
         self.memory.ipc_close(ptr)
 
 
-MODELLED = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv", "expert_major", "low_latency_combine_send",
-            "low_latency_combine_recv", "per_token_cast_fp8",
-            "get_dispatch_layout", "sm_copy", "device_alloc_zeroed", "device_free", "ipc_get_handle", "ipc_open_handle",
-            "ipc_close_handle")
+# The kernel launchers, then the memory functions, of moe_comm._C that the model replaces.
+LAUNCHERS = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv", "expert_major", "low_latency_combine_send",
+             "low_latency_combine_recv", "per_token_cast_fp8", "get_dispatch_layout", "sm_copy")
+MODELLED = (*LAUNCHERS, "device_alloc_zeroed", "device_free", "ipc_get_handle", "ipc_open_handle", "ipc_close_handle")
 
 
 def model_extension(model: KernelModel) -> ModuleType:

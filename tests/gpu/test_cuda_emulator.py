@@ -156,7 +156,7 @@ def test_missing_sender_times_out_naming_phase_and_peer():
     plans = emu.plan([idx, idx], 2, num_sms=1)
     out = ops.allocate_dispatch_outputs(plans[0], torch.empty(4, 64, device=dev), 0, 0, False, True, False)
     buf = emu.buffers[0]
-    ops.dispatch_recv(buf, plans[0], buf.next_epoch("dispatch"), out, 1, torch.cuda.current_stream())
+    ops.dispatch_recv(buf, plans[0], out, 1, torch.cuda.current_stream())
     torch.cuda.synchronize()
     with pytest.raises(CommTimeoutError, match=r"rank 0: .*dispatch arrive flag of peer rank [01]"):
         buf.raise_if_failed("dispatch")
