@@ -192,7 +192,7 @@ def dispatch_send(
     num_topk = 0 if topk_idx is None else topk_idx.shape[1]
     record = dispatch_record_bytes(row_bytes, num_scales, num_topk)
     _ext().dispatch_send(
-        buf.view(), _ptr(x), _ptr(x_scales), _ptr(topk_idx), _ptr(topk_weights),
+        buf.view("dispatch_send"), _ptr(x), _ptr(x_scales), _ptr(topk_idx), _ptr(topk_weights),
         _ptr(plan.is_token_in_rank), _ptr(plan.send_pos), plan.num_tokens_per_rank.data_ptr(), x.shape[0], row_bytes,
         num_scales, num_topk, experts_per_rank, buf.capacity_rows(record, "dispatch"), cast_dtype, num_sms,
         stream.cuda_stream,
@@ -208,7 +208,7 @@ def dispatch_recv(
     num_topk = 0 if out.recv_topk_idx is None else out.recv_topk_idx.shape[1]
     record = dispatch_record_bytes(row_bytes, num_scales, num_topk)
     _ext().dispatch_recv(
-        buf.view(), _ptr(out.recv_x), _ptr(out.recv_scales), _ptr(out.recv_topk_idx),
+        buf.view("dispatch_recv"), _ptr(out.recv_x), _ptr(out.recv_scales), _ptr(out.recv_topk_idx),
         _ptr(out.recv_topk_weights), _ptr(out.recv_src_idx), _ptr(out.recv_src_rank), out.recv_counts.data_ptr(),
         plan.num_recv_rows, row_bytes, num_scales, num_topk, buf.capacity_rows(record, "dispatch"), num_sms,
         stream.cuda_stream,
@@ -230,7 +230,7 @@ def combine_send(
     num_topk = 0 if topk_weights is None else topk_weights.shape[1]
     record = combine_record_bytes(row_bytes, num_topk)
     _ext().combine_send(
-        buf.view(), _ptr(x), _ptr(topk_weights), plan.recv_counts.data_ptr(), row_bytes,
+        buf.view("combine_send"), _ptr(x), _ptr(topk_weights), plan.recv_counts.data_ptr(), row_bytes,
         num_topk, buf.capacity_rows(record, "combine"), num_sms, stream.cuda_stream,
     )
 
@@ -250,7 +250,7 @@ def combine_recv(
     num_topk = 0 if out_weights is None else out_weights.shape[1]
     record = combine_record_bytes(row_bytes, num_topk)
     _ext().combine_recv(
-        buf.view(), _ptr(plan.is_token_in_rank), _ptr(plan.send_pos), _ptr(bias[0]),
+        buf.view("combine_recv"), _ptr(plan.is_token_in_rank), _ptr(plan.send_pos), _ptr(bias[0]),
         _ptr(bias[1]), _ptr(out), _ptr(out_weights), out.shape[0], out.shape[1], num_topk,
         buf.capacity_rows(record, "combine"), dtype_code(out.dtype), num_sms, stream.cuda_stream,
     )
@@ -307,7 +307,7 @@ def low_latency_combine_send(
         x = x.clone()
     n, k = slot_of.shape
     _ext().low_latency_combine_send(
-        buf.view(), _ptr(x), _ptr(slot_of), _ptr(rows.recv_src_idx), _ptr(rows.recv_src_rank), n, k, max_tokens,
+        buf.view("low_latency_combine_send"), _ptr(x), _ptr(slot_of), _ptr(rows.recv_src_idx), _ptr(rows.recv_src_rank), n, k, max_tokens,
         row_bytes_of(x), num_sms, stream.cuda_stream,
     )
 
@@ -328,7 +328,7 @@ def low_latency_combine_recv(
         raise ValueError("out: the low-latency combine writes 16-byte vectors; pass a 16-byte aligned tensor")
     t, k = topk_idx.shape
     _ext().low_latency_combine_recv(
-        buf.view(), _ptr(topk_idx), _ptr(topk_weights), _ptr(out), t, k, out.shape[1], experts_per_rank, max_tokens,
+        buf.view("low_latency_combine_recv"), _ptr(topk_idx), _ptr(topk_weights), _ptr(out), t, k, out.shape[1], experts_per_rank, max_tokens,
         dtype_code(out.dtype), num_sms, stream.cuda_stream,
     )
 

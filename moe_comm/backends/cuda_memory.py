@@ -165,10 +165,13 @@ class SymmetricBuffer:
     # ------------------------------------------------------------------------------------------------
     # protocol state
 
-    def view(self) -> tuple:
-        """The kernels' ``PeerView`` tuple (the same for every launch on this buffer: no per-call state)."""
+    def view(self, kernel: str) -> tuple:
+        """The kernels' ``PeerView`` tuple for a launch of ``kernel`` (the same for every launch on this buffer:
+        no per-call state). Refused once a kernel recorded an error: the buffer's flags and counters may then
+        be inconsistent, and launching on them could publish incomplete rows."""
         if self.destroyed:
             raise RuntimeError(f"rank {self.rank}: the CUDA symmetric buffer was destroyed")
+        self.raise_if_failed(kernel)
         return (self.peer_table.data_ptr(), self.rank, self.num_ranks, self.dispatch_region_bytes,
                 self.combine_region_bytes, self.timeout_ns, self.error_record.data_ptr())
 

@@ -294,6 +294,17 @@ def check_missing_sender_times_out(case: Case, timeout_s: float = 1.0) -> None:
         else:
             raise AssertionError(f"rank {rank}: the dispatch completed without rank {missing}'s send")
     assert f"dispatch arrive flag of peer rank {missing} (expected >= 1, observed 0)" in message, message
+    # Its flags and counters may be inconsistent now: the next call raises the same error instead of launching.
+    tracker = stream_tracker()
+    launched = len(tracker.launches)
+    try:
+        buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=case.experts_per_rank * world)
+    except CommTimeoutError as exc:
+        assert f"peer rank {missing}" in str(exc), str(exc)
+    else:
+        raise AssertionError(f"rank {rank}: a dispatch ran on a buffer whose kernels had timed out")
+    kernels = [launch.kernel for launch in tracker.launches[launched:]]
+    assert "dispatch_send" not in kernels and "dispatch_recv" not in kernels, kernels
 
 
 # ----------------------------------------------------------------------------------------------------
