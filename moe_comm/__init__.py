@@ -3,7 +3,8 @@
 Entry points: :class:`Buffer` (dispatch/combine), :func:`all_to_all_single` (drop-in for torch's),
 :func:`available_backends`, :mod:`moe_comm.functional` (autograd), :mod:`moe_comm.nn` (MoE layer),
 :mod:`moe_comm.integrations.transformers`, :mod:`moe_comm.launch` (torchrun/mpirun/spawn),
-:mod:`moe_comm.model` (cost model), :mod:`moe_comm.doctor`, :mod:`moe_comm.bench`.
+:mod:`moe_comm.model` (cost model), :mod:`moe_comm.doctor`, :mod:`moe_comm.bench`, :mod:`moe_comm.deep_ep` (DeepEP's
+Python API on top of all this, for code written against ``deep_ep``).
 """
 
 from moe_comm.alltoall import all_to_all_single
