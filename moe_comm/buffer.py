@@ -214,8 +214,9 @@ class Buffer:
         )
 
     @contextlib.contextmanager
-    def _on_comm_stream(self, previous_event: EventOverlap | None) -> Iterator[torch.cuda.Stream | None]:
-        """Run the body on the backend's communication stream after ``previous_event`` (or the current stream)."""
+    def _on_comm_stream(self, previous_event: EventOverlap | None, after_current: bool = False) -> Iterator[torch.cuda.Stream | None]:
+        """Run the body on the backend's communication stream after ``previous_event`` (or the current stream;
+        both with ``after_current``, when the call itself produced inputs on the current stream)."""
         stream = self.backend.comm_stream()
         if stream is None:
             if previous_event is not None:
@@ -224,6 +225,8 @@ class Buffer:
             return
         if previous_event is not None and previous_event.event is not None:
             stream.wait_event(previous_event.event)
+            if after_current:
+                stream.wait_stream(torch.cuda.current_stream())
         else:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -317,7 +320,8 @@ class Buffer:
                 with ``recv_topk_idx == -1``) and the host never waits for the device. Every rank's T must
                 be at most ``num_worst_tokens // R`` (the usual choice is ``T * R``).
             config: per-call :class:`Config` (``num_sms``).
-            previous_event: make the communication wait for this event instead of the current stream.
+            previous_event: make the communication wait for this event instead of the current stream (and for the
+                current stream too when the layout arguments are omitted, since the layout is then computed there).
             async_finish: return an event to wait on instead of completing before returning.
             allocate_on_comm_stream: accepted for DeepEP compatibility; outputs are allocated on the
                 stream that produces them and kept alive by the event.
@@ -332,6 +336,7 @@ class Buffer:
         header = AgreementHeader(op)
         data = scales = idx = weights = None
         values_checked = True
+        layout_computed = False
         request: DispatchRequest | None = None
         try:
             data, scales = check_x(x, allow_fp8=True)
@@ -386,6 +391,7 @@ class Buffer:
                     )
                 if is_token_in_rank is None or num_tokens_per_rank is None or num_tokens_per_expert is None:
                     assert idx is not None
+                    layout_computed = True  # on the current stream: the communication waits for it too
                     per_rank, per_expert, in_rank = self.backend.get_dispatch_layout(idx, experts)
                     num_tokens_per_rank = per_rank if num_tokens_per_rank is None else num_tokens_per_rank
                     num_tokens_per_expert = per_expert if num_tokens_per_expert is None else num_tokens_per_expert
@@ -417,7 +423,7 @@ class Buffer:
         assert request is not None
         if rank_matrix is not None:
             request = dataclasses.replace(request, rank_matrix=rank_matrix)
-        with self._on_comm_stream(previous_event) as stream:
+        with self._on_comm_stream(previous_event, after_current=layout_computed) as stream:
             out = self.backend.dispatch(request)
         event = self._finish(out.finish, async_finish, stream, (data, scales, idx, weights))
         recv_x: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = out.recv_x
@@ -589,7 +595,7 @@ class Buffer:
             slots = handle.num_ranks * handle.num_max_dispatch_tokens_per_rank
             expected = [handle.num_experts // handle.num_ranks, slots, handle.hidden]
             require(list(x.shape) == expected, ValueError, f"x: expected [E_local, R*M, H] = {expected}, got {list(x.shape)}")
-            idx, weights = check_topk(topk_idx, topk_weights, handle.num_tokens, handle.num_experts, False)
+            idx, weights = check_topk(topk_idx, topk_weights, handle.num_tokens, handle.num_experts, values_checked)
             require(idx is not None and weights is not None, ValueError, "topk_idx/topk_weights: both are required")
             if out is not None:
                 require(isinstance(out, torch.Tensor) and list(out.shape) == [handle.num_tokens, handle.hidden]

@@ -46,7 +46,8 @@ def test_layout_arithmetic_matches_python(row_bytes, scales, topk):
     # Per-kernel arrays: the finished-block counters, then the epochs, one int32 per kernel id, not overlapping.
     assert sorted(ext.KERNEL_IDS.values()) == list(range(len(ext.KERNEL_IDS)))
     assert slots["blocks_done"] + len(ext.KERNEL_IDS) <= slots["epochs"]
-    assert (slots["epochs"] + len(ext.KERNEL_IDS)) * 4 <= ext.HEADER_BYTES
+    assert slots["epochs"] + len(ext.KERNEL_IDS) <= slots["launch_failed"]
+    assert (slots["launch_failed"] + len(ext.KERNEL_IDS)) * 4 <= ext.HEADER_BYTES
     assert ext.MAX_RANKS == 8 and ext.MAX_TOPK == 32
 
 

@@ -99,6 +99,10 @@ def test_caller_stream_waits_for_every_launch(pool):
     pool.run(checks.check_stream_order, Case(routing="zipf", seed=17))
 
 
+def test_previous_event_orders_the_computed_layout(pool):
+    pool.run(checks.check_previous_event_orders_the_computed_layout, Case(seed=21))
+
+
 @pytest.mark.parametrize("kind", ["low_latency", "low_latency_fp8", "worst_case"])
 def test_replayed_launches_match_eager_steps(pool, kind):
     pool.run(checks.check_replayed_launches, Case(routing="masked", seed=18, hidden=256), kind)

@@ -91,6 +91,7 @@ PYBIND11_MODULE(_C, m) {
   slots["barrier"] = int(kSlotBarrier);
   slots["blocks_done"] = int(kSlotBlocksDone);
   slots["epochs"] = int(kSlotEpochs);
+  slots["launch_failed"] = int(kSlotLaunchFailed);
   m.attr("HEADER_SLOTS") = slots;
   py::dict kernels;  // index of each kernel's counters in the blocks_done and epochs slot arrays
   kernels["dispatch_send"] = int(kDispatchSend);

@@ -181,11 +181,24 @@ __device__ __forceinline__ void complete_epoch(const PeerView& v, int kernel) {
   header_of(v, v.rank)[kSlotEpochs + kernel] = v.epoch;
 }
 
+// The end of every kernel of the protocol, in thread 0 of each block after the block's work: counts the block
+// (`ok`: whether its waits succeeded) and returns true in the last block to finish when every block succeeded,
+// which then publishes the launch's flags. A launch one of whose blocks timed out publishes nothing and keeps
+// its epoch, so no peer ever reads rows a block skipped; the host raises the recorded timeout and refuses
+// further launches on the buffer.
+__device__ __forceinline__ bool last_block_of_complete_launch(const PeerView& v, int kernel, bool ok) {
+  int* own = header_of(v, v.rank);
+  if (!ok) atomicOr(own + kSlotLaunchFailed + kernel, 1);  // ordered before the count by its fence
+  if (!last_block_to_finish(own + kSlotBlocksDone + kernel)) return false;
+  return atomicExch(own + kSlotLaunchFailed + kernel, 0) == 0;
+}
+
 // The end of a kernel of the protocol: after every block's work, the last block to finish (counter `kernel`)
-// releases this rank's entry of header slot array `slot` on every rank to the view's epoch.
-__device__ __forceinline__ void release_on_every_rank_when_done(const PeerView& v, int kernel, int slot) {
+// releases this rank's entry of header slot array `slot` on every rank to the view's epoch, unless a block of
+// the launch failed (`ok` false in that block).
+__device__ __forceinline__ void release_on_every_rank_when_done(const PeerView& v, int kernel, int slot, bool ok) {
   __syncthreads();
-  if (threadIdx.x == 0 && last_block_to_finish(header_of(v, v.rank) + kSlotBlocksDone + kernel)) {
+  if (threadIdx.x == 0 && last_block_of_complete_launch(v, kernel, ok)) {
     for (int d = 0; d < v.num_ranks; ++d) st_release_sys(header_of(v, d) + slot + v.rank, v.epoch);
     complete_epoch(v, kernel);
   }

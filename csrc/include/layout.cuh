@@ -31,7 +31,8 @@ enum HeaderSlot : int {
   // call (a captured CUDA graph replays correctly). Sends and receives count apart, so a send issued before
   // the previous receive of its family ran waits (and times out) instead of reusing that receive's epoch.
   kSlotEpochs = kSlotBlocksDone + 8,
-  kHeaderInts = kSlotEpochs + 8,
+  kSlotLaunchFailed = kSlotEpochs + 8,                 // [kNumKernels] local: a block of the running launch timed out
+  kHeaderInts = kSlotLaunchFailed + 8,
 };
 
 // The protocol's kernels, for their header counters; the low-latency combine kernels count as the combine's.

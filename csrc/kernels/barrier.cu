@@ -3,6 +3,7 @@
 // `rank` on every peer, then waits until each of its own slots reached `epoch`. Bounded by timeout_ns.
 #include "../include/api.cuh"
 #include "../include/exception.cuh"
+#include "../include/layout.cuh"
 #include "../include/ptx.cuh"
 
 namespace moe_comm {
@@ -20,7 +21,8 @@ __global__ void barrier_kernel(int* const* counters, int rank, int num_ranks, in
 
 void launch_barrier(int* const* counters_table, int rank, int num_ranks, int epoch, long long timeout_ns,
                     void* err_record, cudaStream_t stream) {
-  MC_CHECK(num_ranks >= 1 && num_ranks <= 32, "num_ranks must be in [1, 32]");
+  // The header holds kMaxRanks barrier slots; more ranks would write over the slots after them.
+  MC_CHECK(num_ranks >= 1 && num_ranks <= kMaxRanks, "num_ranks must be in [1, 8]");
   MC_CHECK(rank >= 0 && rank < num_ranks, "rank must be in [0, num_ranks)");
   MC_CHECK(timeout_ns > 0, "timeout_ns must be > 0");
   barrier_kernel<<<1, 32, 0, stream>>>(counters_table, rank, num_ranks, epoch, timeout_ns,

@@ -16,40 +16,39 @@ __global__ void __launch_bounds__(kIntranodeThreads) combine_send_kernel(Combine
   const PeerView v = launch_view(a.view, kCombineSend);
   int* own = header_of(v, v.rank);
   // Every token owner must have reduced what we returned in the previous epoch.
-  if (!block_wait_all_ranks(own, kSlotCombineFree, v.num_ranks, v.epoch - 1, v.timeout_ns, v.err, v.rank,
-                            kPhaseCombineFree))
-    return;
-
-  __shared__ int s_start[kMaxRanks + 1];
-  if (threadIdx.x == 0) {
-    int total = 0;
-    for (int s = 0; s < v.num_ranks; ++s) {
-      s_start[s] = total;
-      total += a.recv_counts[s];
+  const bool ok = block_wait_all_ranks(own, kSlotCombineFree, v.num_ranks, v.epoch - 1, v.timeout_ns, v.err, v.rank,
+                                       kPhaseCombineFree);
+  if (ok) {
+    __shared__ int s_start[kMaxRanks + 1];
+    if (threadIdx.x == 0) {
+      int total = 0;
+      for (int s = 0; s < v.num_ranks; ++s) {
+        s_start[s] = total;
+        total += a.recv_counts[s];
+      }
+      s_start[v.num_ranks] = total;
     }
-    s_start[v.num_ranks] = total;
-  }
-  __syncthreads();
+    __syncthreads();
 
-  const size_t rec_bytes = combine_record_bytes(a.row_bytes, a.num_topk);
-  const size_t weights_offset = align_up(a.row_bytes, 16);
-  const auto [lane, warp, num_warps] = warp_index();
-  const uint8_t* x = static_cast<const uint8_t*>(a.x);
-  for (int i = warp; i < s_start[v.num_ranks]; i += num_warps) {
-    const int s = source_of_row(s_start, v.num_ranks, i);
-    const int j = i - s_start[s];
-    if (j >= a.capacity_rows) {
-      if (lane == 0) record_error(v.err, v.rank, s, kPhaseOverflow, a.capacity_rows, j);
-      continue;
+    const size_t rec_bytes = combine_record_bytes(a.row_bytes, a.num_topk);
+    const size_t weights_offset = align_up(a.row_bytes, 16);
+    const auto [lane, warp, num_warps] = warp_index();
+    const uint8_t* x = static_cast<const uint8_t*>(a.x);
+    for (int i = warp; i < s_start[v.num_ranks]; i += num_warps) {
+      const int s = source_of_row(s_start, v.num_ranks, i);
+      const int j = i - s_start[s];
+      if (j >= a.capacity_rows) {
+        if (lane == 0) record_error(v.err, v.rank, s, kPhaseOverflow, a.capacity_rows, j);
+        continue;
+      }
+      uint8_t* dst = v.peers[s] + combine_region_offset(v.rank, v.num_ranks, v.dispatch_region_bytes,
+                                                        v.combine_region_bytes) + size_t(j) * rec_bytes;
+      warp_copy16(dst, x + size_t(i) * a.row_bytes, a.row_bytes, lane);
+      if (a.topk_weights != nullptr && lane < a.num_topk)
+        reinterpret_cast<float*>(dst + weights_offset)[lane] = a.topk_weights[size_t(i) * a.num_topk + lane];
     }
-    uint8_t* dst = v.peers[s] + combine_region_offset(v.rank, v.num_ranks, v.dispatch_region_bytes,
-                                                      v.combine_region_bytes) + size_t(j) * rec_bytes;
-    warp_copy16(dst, x + size_t(i) * a.row_bytes, a.row_bytes, lane);
-    if (a.topk_weights != nullptr && lane < a.num_topk)
-      reinterpret_cast<float*>(dst + weights_offset)[lane] = a.topk_weights[size_t(i) * a.num_topk + lane];
   }
-
-  release_on_every_rank_when_done(v, kCombineSend, kSlotCombineFlag);
+  release_on_every_rank_when_done(v, kCombineSend, kSlotCombineFlag, ok);
 }
 
 template <typename T>
@@ -58,74 +57,73 @@ __global__ void __launch_bounds__(kIntranodeThreads) combine_recv_kernel(Combine
   constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
   const PeerView v = launch_view(a.view, kCombineRecv);
   int* own = header_of(v, v.rank);
-  if (!block_wait_all_ranks(own, kSlotCombineFlag, v.num_ranks, v.epoch, v.timeout_ns, v.err, v.rank,
-                            kPhaseCombineArrive))
-    return;
-
-  const size_t row_bytes = size_t(a.hidden) * sizeof(T);
-  const size_t rec_bytes = combine_record_bytes(row_bytes, a.num_topk);
-  const size_t weights_offset = align_up(row_bytes, 16);
-  const auto [lane, warp, num_warps] = warp_index();
-  const AccT* bias0 = static_cast<const AccT*>(a.bias0);
-  const AccT* bias1 = static_cast<const AccT*>(a.bias1);
-  T* out = static_cast<T*>(a.out);
-  for (int t = warp; t < a.num_tokens; t += num_warps) {
-    // One slot per rank, null where the token did not go: indexed only by unrolled constants, so the
-    // pointers stay in registers, and every rank's 16 bytes of a chunk are loaded before any is summed
-    // (up to kMaxRanks loads in flight per lane instead of one).
-    const uint8_t* rows[kMaxRanks];
+  const bool ok = block_wait_all_ranks(own, kSlotCombineFlag, v.num_ranks, v.epoch, v.timeout_ns, v.err, v.rank,
+                                       kPhaseCombineArrive);
+  if (ok) {
+    const size_t row_bytes = size_t(a.hidden) * sizeof(T);
+    const size_t rec_bytes = combine_record_bytes(row_bytes, a.num_topk);
+    const size_t weights_offset = align_up(row_bytes, 16);
+    const auto [lane, warp, num_warps] = warp_index();
+    const AccT* bias0 = static_cast<const AccT*>(a.bias0);
+    const AccT* bias1 = static_cast<const AccT*>(a.bias1);
+    T* out = static_cast<T*>(a.out);
+    for (int t = warp; t < a.num_tokens; t += num_warps) {
+      // One slot per rank, null where the token did not go: indexed only by unrolled constants, so the
+      // pointers stay in registers, and every rank's 16 bytes of a chunk are loaded before any is summed
+      // (up to kMaxRanks loads in flight per lane instead of one).
+      const uint8_t* rows[kMaxRanks];
 #pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d) {
-      rows[d] = nullptr;
-      if (d >= v.num_ranks || !a.is_token_in_rank[size_t(t) * v.num_ranks + d]) continue;
-      const int pos = a.send_pos[size_t(t) * v.num_ranks + d];
-      if (pos < 0 || pos >= a.capacity_rows) {
-        if (lane == 0) record_error(v.err, v.rank, d, kPhaseOverflow, a.capacity_rows, pos);
-        continue;
+      for (int d = 0; d < kMaxRanks; ++d) {
+        rows[d] = nullptr;
+        if (d >= v.num_ranks || !a.is_token_in_rank[size_t(t) * v.num_ranks + d]) continue;
+        const int pos = a.send_pos[size_t(t) * v.num_ranks + d];
+        if (pos < 0 || pos >= a.capacity_rows) {
+          if (lane == 0) record_error(v.err, v.rank, d, kPhaseOverflow, a.capacity_rows, pos);
+          continue;
+        }
+        rows[d] = v.peers[v.rank] +
+                  combine_region_offset(d, v.num_ranks, v.dispatch_region_bytes, v.combine_region_bytes) +
+                  size_t(pos) * rec_bytes;
       }
-      rows[d] = v.peers[v.rank] +
-                combine_region_offset(d, v.num_ranks, v.dispatch_region_bytes, v.combine_region_bytes) +
-                size_t(pos) * rec_bytes;
-    }
-    for (int c = lane * kVec; c < a.hidden; c += 32 * kVec) {
-      int4 packed[kMaxRanks];
+      for (int c = lane * kVec; c < a.hidden; c += 32 * kVec) {
+        int4 packed[kMaxRanks];
 #pragma unroll
-      for (int d = 0; d < kMaxRanks; ++d)
-        if (rows[d] != nullptr) packed[d] = *reinterpret_cast<const int4*>(rows[d] + size_t(c) * sizeof(T));
-      AccT acc[kVec];
+        for (int d = 0; d < kMaxRanks; ++d)
+          if (rows[d] != nullptr) packed[d] = *reinterpret_cast<const int4*>(rows[d] + size_t(c) * sizeof(T));
+        AccT acc[kVec];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) acc[k] = AccT(0);
+        for (int k = 0; k < kVec; ++k) acc[k] = AccT(0);
 #pragma unroll
-      for (int d = 0; d < kMaxRanks; ++d) {  // rank order: deterministic and equal to the portable backend
-        if (rows[d] == nullptr) continue;
-        const T* vals = reinterpret_cast<const T*>(&packed[d]);
+        for (int d = 0; d < kMaxRanks; ++d) {  // rank order: deterministic and equal to the portable backend
+          if (rows[d] == nullptr) continue;
+          const T* vals = reinterpret_cast<const T*>(&packed[d]);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) acc[k] += to_acc(vals[k]);
+          for (int k = 0; k < kVec; ++k) acc[k] += to_acc(vals[k]);
+        }
+        if (bias0 != nullptr) {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) acc[k] += bias0[size_t(t) * a.hidden + c + k];
+        }
+        if (bias1 != nullptr) {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) acc[k] += bias1[size_t(t) * a.hidden + c + k];
+        }
+        int4 result;
+        T* res = reinterpret_cast<T*>(&result);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) res[k] = from_acc<T>(acc[k]);
+        *reinterpret_cast<int4*>(out + size_t(t) * a.hidden + c) = result;
       }
-      if (bias0 != nullptr) {
+      if (a.out_weights != nullptr && lane < a.num_topk) {
+        float w = 0.0f;
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) acc[k] += bias0[size_t(t) * a.hidden + c + k];
+        for (int d = 0; d < kMaxRanks; ++d)
+          if (rows[d] != nullptr) w += reinterpret_cast<const float*>(rows[d] + weights_offset)[lane];
+        a.out_weights[size_t(t) * a.num_topk + lane] = w;
       }
-      if (bias1 != nullptr) {
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) acc[k] += bias1[size_t(t) * a.hidden + c + k];
-      }
-      int4 result;
-      T* res = reinterpret_cast<T*>(&result);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) res[k] = from_acc<T>(acc[k]);
-      *reinterpret_cast<int4*>(out + size_t(t) * a.hidden + c) = result;
-    }
-    if (a.out_weights != nullptr && lane < a.num_topk) {
-      float w = 0.0f;
-#pragma unroll
-      for (int d = 0; d < kMaxRanks; ++d)
-        if (rows[d] != nullptr) w += reinterpret_cast<const float*>(rows[d] + weights_offset)[lane];
-      a.out_weights[size_t(t) * a.num_topk + lane] = w;
     }
   }
-
-  release_on_every_rank_when_done(v, kCombineRecv, kSlotCombineFree);
+  release_on_every_rank_when_done(v, kCombineRecv, kSlotCombineFree, ok);
 }
 
 }  // namespace

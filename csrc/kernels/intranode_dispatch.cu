@@ -95,38 +95,37 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_send_kernel(Dis
   const PeerView v = launch_view(a.view, kDispatchSend);
   int* own = header_of(v, v.rank);
   // Every destination must have read out what we wrote in the previous epoch before we overwrite it.
-  if (!block_wait_all_ranks(own, kSlotDispatchFree, v.num_ranks, v.epoch - 1, v.timeout_ns, v.err, v.rank,
-                            kPhaseDispatchFree))
-    return;
-
-  const RecordLayout rec(a.row_bytes, a.num_scales, a.num_topk);
-  const auto [lane, warp, num_warps] = warp_index();
-  const uint8_t* x = static_cast<const uint8_t*>(a.x);
-  for (int t = warp; t < a.num_tokens; t += num_warps) {
-    // This token's record in each destination it reaches (null elsewhere); unrolled, so in registers.
-    uint8_t* dsts[kMaxRanks];
+  const bool ok = block_wait_all_ranks(own, kSlotDispatchFree, v.num_ranks, v.epoch - 1, v.timeout_ns, v.err, v.rank,
+                                       kPhaseDispatchFree);
+  if (ok) {
+    const RecordLayout rec(a.row_bytes, a.num_scales, a.num_topk);
+    const auto [lane, warp, num_warps] = warp_index();
+    const uint8_t* x = static_cast<const uint8_t*>(a.x);
+    for (int t = warp; t < a.num_tokens; t += num_warps) {
+      // This token's record in each destination it reaches (null elsewhere); unrolled, so in registers.
+      uint8_t* dsts[kMaxRanks];
 #pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d) {
-      dsts[d] = nullptr;
-      if (d >= v.num_ranks || !a.is_token_in_rank[size_t(t) * v.num_ranks + d]) continue;
-      const int pos = a.send_pos[size_t(t) * v.num_ranks + d];
-      if (pos < 0 || pos >= a.capacity_rows) {
-        if (lane == 0) record_error(v.err, v.rank, d, kPhaseOverflow, a.capacity_rows, pos);
-        continue;
+      for (int d = 0; d < kMaxRanks; ++d) {
+        dsts[d] = nullptr;
+        if (d >= v.num_ranks || !a.is_token_in_rank[size_t(t) * v.num_ranks + d]) continue;
+        const int pos = a.send_pos[size_t(t) * v.num_ranks + d];
+        if (pos < 0 || pos >= a.capacity_rows) {
+          if (lane == 0) record_error(v.err, v.rank, d, kPhaseOverflow, a.capacity_rows, pos);
+          continue;
+        }
+        dsts[d] = v.peers[d] + dispatch_region_offset(v.rank, v.dispatch_region_bytes) + size_t(pos) * rec.bytes;
       }
-      dsts[d] = v.peers[d] + dispatch_region_offset(v.rank, v.dispatch_region_bytes) + size_t(pos) * rec.bytes;
-    }
-    if (a.cast_dtype != kNoCast) cast_row_to_records(a, rec, dsts, t, lane);
+      if (a.cast_dtype != kNoCast) cast_row_to_records(a, rec, dsts, t, lane);
 #pragma unroll
-    for (int d = 0; d < kMaxRanks; ++d) {
-      if (dsts[d] == nullptr) continue;
-      if (a.cast_dtype == kNoCast) warp_copy16(dsts[d], x + size_t(t) * a.row_bytes, a.row_bytes, lane);
-      write_record_tail(a, rec, dsts[d], d, t, lane);
+      for (int d = 0; d < kMaxRanks; ++d) {
+        if (dsts[d] == nullptr) continue;
+        if (a.cast_dtype == kNoCast) warp_copy16(dsts[d], x + size_t(t) * a.row_bytes, a.row_bytes, lane);
+        write_record_tail(a, rec, dsts[d], d, t, lane);
+      }
     }
   }
-
   __syncthreads();
-  if (threadIdx.x == 0 && last_block_to_finish(own + kSlotBlocksDone + kDispatchSend)) {
+  if (threadIdx.x == 0 && last_block_of_complete_launch(v, kDispatchSend, ok)) {
     for (int d = 0; d < v.num_ranks; ++d) {
       int* peer = header_of(v, d);
       peer[kSlotDispatchCount + v.rank] = a.num_tokens_per_rank[d];
@@ -139,55 +138,58 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_send_kernel(Dis
 __global__ void __launch_bounds__(kIntranodeThreads) dispatch_recv_kernel(DispatchRecvArgs a) {
   const PeerView v = launch_view(a.view, kDispatchRecv);
   int* own = header_of(v, v.rank);
-  if (!block_wait_all_ranks(own, kSlotDispatchFlag, v.num_ranks, v.epoch, v.timeout_ns, v.err, v.rank,
-                            kPhaseDispatchArrive))
-    return;
-
-  __shared__ int s_start[kMaxRanks + 1];
-  if (threadIdx.x == 0) {
-    int total = 0;
-    for (int s = 0; s < v.num_ranks; ++s) {
-      s_start[s] = total;
-      int count = ld_acquire_sys(own + kSlotDispatchCount + s);  // written before the flag we acquired
-      if (count > a.capacity_rows) {
-        record_error(v.err, v.rank, s, kPhaseOverflow, a.capacity_rows, count);
-        count = a.capacity_rows;
+  const bool ok = block_wait_all_ranks(own, kSlotDispatchFlag, v.num_ranks, v.epoch, v.timeout_ns, v.err, v.rank,
+                                       kPhaseDispatchArrive);
+  if (ok) {
+    __shared__ int s_start[kMaxRanks + 1];
+    if (threadIdx.x == 0) {
+      // Counts clipped to what the outputs hold (an overflow is recorded), so that the combine of these rows,
+      // which reads recv_counts, never reads past its [max_rows, H] input.
+      int total = 0, wanted = 0;
+      for (int s = 0; s < v.num_ranks; ++s) {
+        s_start[s] = total;
+        int count = ld_acquire_sys(own + kSlotDispatchCount + s);  // written before the flag we acquired
+        if (count > a.capacity_rows) {
+          record_error(v.err, v.rank, s, kPhaseOverflow, a.capacity_rows, count);
+          count = a.capacity_rows;
+        }
+        wanted += count;
+        count = min(count, a.max_rows - total);
+        if (blockIdx.x == 0) a.recv_counts[s] = count;
+        total += count;
       }
-      if (blockIdx.x == 0) a.recv_counts[s] = count;
-      total += count;
+      if (wanted > a.max_rows) record_error(v.err, v.rank, -1, kPhaseOverflow, a.max_rows, wanted);
+      s_start[v.num_ranks] = total;
     }
-    if (total > a.max_rows) record_error(v.err, v.rank, -1, kPhaseOverflow, a.max_rows, total);
-    s_start[v.num_ranks] = min(total, a.max_rows);
-  }
-  __syncthreads();
+    __syncthreads();
 
-  const RecordLayout rec(a.row_bytes, a.num_scales, a.num_topk);
-  const auto [lane, warp, num_warps] = warp_index();
-  const int total = s_start[v.num_ranks];
-  uint8_t* recv_x = static_cast<uint8_t*>(a.recv_x);
-  for (int i = warp; i < total; i += num_warps) {
-    const int s = source_of_row(s_start, v.num_ranks, i);
-    const int j = i - s_start[s];
-    const uint8_t* src = v.peers[v.rank] + dispatch_region_offset(s, v.dispatch_region_bytes) + size_t(j) * rec.bytes;
-    warp_copy16(recv_x + size_t(i) * a.row_bytes, src, a.row_bytes, lane);
-    if (a.recv_scales != nullptr) {
-      const float* sc = reinterpret_cast<const float*>(src + rec.scales);
-      for (int k = lane; k < a.num_scales; k += 32) a.recv_scales[size_t(i) * a.num_scales + k] = sc[k];
-    }
-    if (lane < a.num_topk) {
-      if (a.recv_topk_idx != nullptr)
-        a.recv_topk_idx[size_t(i) * a.num_topk + lane] = reinterpret_cast<const int*>(src + rec.topk_idx)[lane];
-      if (a.recv_topk_weights != nullptr)
-        a.recv_topk_weights[size_t(i) * a.num_topk + lane] =
-            reinterpret_cast<const float*>(src + rec.topk_weights)[lane];
-    }
-    if (lane == 0) {
-      if (a.recv_src_idx != nullptr) a.recv_src_idx[i] = reinterpret_cast<const int*>(src + rec.src_idx)[0];
-      if (a.recv_src_rank != nullptr) a.recv_src_rank[i] = s;
+    const RecordLayout rec(a.row_bytes, a.num_scales, a.num_topk);
+    const auto [lane, warp, num_warps] = warp_index();
+    const int total = s_start[v.num_ranks];
+    uint8_t* recv_x = static_cast<uint8_t*>(a.recv_x);
+    for (int i = warp; i < total; i += num_warps) {
+      const int s = source_of_row(s_start, v.num_ranks, i);
+      const int j = i - s_start[s];
+      const uint8_t* src = v.peers[v.rank] + dispatch_region_offset(s, v.dispatch_region_bytes) + size_t(j) * rec.bytes;
+      warp_copy16(recv_x + size_t(i) * a.row_bytes, src, a.row_bytes, lane);
+      if (a.recv_scales != nullptr) {
+        const float* sc = reinterpret_cast<const float*>(src + rec.scales);
+        for (int k = lane; k < a.num_scales; k += 32) a.recv_scales[size_t(i) * a.num_scales + k] = sc[k];
+      }
+      if (lane < a.num_topk) {
+        if (a.recv_topk_idx != nullptr)
+          a.recv_topk_idx[size_t(i) * a.num_topk + lane] = reinterpret_cast<const int*>(src + rec.topk_idx)[lane];
+        if (a.recv_topk_weights != nullptr)
+          a.recv_topk_weights[size_t(i) * a.num_topk + lane] =
+              reinterpret_cast<const float*>(src + rec.topk_weights)[lane];
+      }
+      if (lane == 0) {
+        if (a.recv_src_idx != nullptr) a.recv_src_idx[i] = reinterpret_cast<const int*>(src + rec.src_idx)[0];
+        if (a.recv_src_rank != nullptr) a.recv_src_rank[i] = s;
+      }
     }
   }
-
-  release_on_every_rank_when_done(v, kDispatchRecv, kSlotDispatchFree);
+  release_on_every_rank_when_done(v, kDispatchRecv, kSlotDispatchFree, ok);
 }
 
 }  // namespace

@@ -93,25 +93,26 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) ll_combine_send_kernel(L
   const PeerView v = launch_view(a.view, kCombineSend);
   int* own = header_of(v, v.rank);
   // Every token rank must have summed what we returned in the previous combine-family epoch.
-  if (!block_wait_all_ranks(own, kSlotCombineFree, v.num_ranks, v.epoch - 1, v.timeout_ns, v.err, v.rank,
-                            kPhaseCombineFree))
-    return;
-  const auto [lane, warp, num_warps] = warp_index();
-  const uint8_t* x = static_cast<const uint8_t*>(a.x);
-  const size_t region = combine_region_offset(v.rank, v.num_ranks, v.dispatch_region_bytes, v.combine_region_bytes);
-  for (int item = warp; item < a.num_rows * a.num_topk; item += num_warps) {  // (received row, choice) pairs
-    const int64_t row = a.slot_of[item];
-    if (row < 0) continue;
-    const int n = item / a.num_topk, k = item % a.num_topk;
-    const int s = a.src_rank[n], t = a.src_idx[n];
-    if (s < 0 || s >= v.num_ranks || t < 0 || t >= a.max_tokens) {
-      if (lane == 0) record_error(v.err, v.rank, s, kPhaseOverflow, a.max_tokens, t);
-      continue;
+  const bool ok = block_wait_all_ranks(own, kSlotCombineFree, v.num_ranks, v.epoch - 1, v.timeout_ns, v.err, v.rank,
+                                       kPhaseCombineFree);
+  if (ok) {
+    const auto [lane, warp, num_warps] = warp_index();
+    const uint8_t* x = static_cast<const uint8_t*>(a.x);
+    const size_t region = combine_region_offset(v.rank, v.num_ranks, v.dispatch_region_bytes, v.combine_region_bytes);
+    for (int item = warp; item < a.num_rows * a.num_topk; item += num_warps) {  // (received row, choice) pairs
+      const int64_t row = a.slot_of[item];
+      if (row < 0) continue;
+      const int n = item / a.num_topk, k = item % a.num_topk;
+      const int s = a.src_rank[n], t = a.src_idx[n];
+      if (s < 0 || s >= v.num_ranks || t < 0 || t >= a.max_tokens) {
+        if (lane == 0) record_error(v.err, v.rank, s, kPhaseOverflow, a.max_tokens, t);
+        continue;
+      }
+      warp_copy16(v.peers[s] + region + (size_t(t) * a.num_topk + k) * a.row_bytes, x + size_t(row) * a.row_bytes,
+                  a.row_bytes, lane);
     }
-    warp_copy16(v.peers[s] + region + (size_t(t) * a.num_topk + k) * a.row_bytes, x + size_t(row) * a.row_bytes,
-                a.row_bytes, lane);
   }
-  release_on_every_rank_when_done(v, kCombineSend, kSlotCombineFlag);
+  release_on_every_rank_when_done(v, kCombineSend, kSlotCombineFlag, ok);
 }
 
 template <typename T>
@@ -120,47 +121,52 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) ll_combine_recv_kernel(L
   constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
   const PeerView v = launch_view(a.view, kCombineRecv);
   int* own = header_of(v, v.rank);
-  if (!block_wait_all_ranks(own, kSlotCombineFlag, v.num_ranks, v.epoch, v.timeout_ns, v.err, v.rank,
-                            kPhaseCombineArrive))
-    return;
-  const auto [lane, warp, num_warps] = warp_index();
-  const size_t row_bytes = size_t(a.hidden) * sizeof(T);
-  T* out = static_cast<T*>(a.out);
-  for (int t = warp; t < a.num_tokens; t += num_warps) {
-    // Lane k holds choice k: its expert's rank (-1 for none) and weight, broadcast in the k loop below.
-    int my_rank = -1;
-    float my_weight = 0.0f;
-    if (lane < a.num_topk) {
-      const int64_t e = a.topk_idx[size_t(t) * a.num_topk + lane];
-      if (e >= 0) {
-        my_rank = int(e / a.experts_per_rank);
-        my_weight = a.topk_weights[size_t(t) * a.num_topk + lane];
+  const bool ok = block_wait_all_ranks(own, kSlotCombineFlag, v.num_ranks, v.epoch, v.timeout_ns, v.err, v.rank,
+                                       kPhaseCombineArrive);
+  if (ok) {
+    const auto [lane, warp, num_warps] = warp_index();
+    const size_t row_bytes = size_t(a.hidden) * sizeof(T);
+    T* out = static_cast<T*>(a.out);
+    for (int t = warp; t < a.num_tokens; t += num_warps) {
+      // Lane k holds choice k: its expert's rank (-1 for none) and weight, broadcast in the k loop below.
+      int my_rank = -1;
+      float my_weight = 0.0f;
+      if (lane < a.num_topk) {
+        const int64_t e = a.topk_idx[size_t(t) * a.num_topk + lane];
+        if (e >= 0 && e < int64_t(a.experts_per_rank) * v.num_ranks) {  // as the layout kernel, ids past E are none
+          my_rank = int(e / a.experts_per_rank);
+          my_weight = a.topk_weights[size_t(t) * a.num_topk + lane];
+        }
       }
-    }
-    for (int c = lane * kVec; c < a.hidden; c += 32 * kVec) {
-      AccT acc[kVec];
+      // Every lane runs the same number of iterations (the shuffles need the whole warp); lanes past the row's
+      // end only take part in them.
+      for (int base = 0; base < a.hidden; base += 32 * kVec) {
+        const int c = base + lane * kVec;
+        const bool active = c < a.hidden;
+        AccT acc[kVec];
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) acc[j] = AccT(0);
-      for (int k = 0; k < a.num_topk; ++k) {  // k order: deterministic
-        const int d = __shfl_sync(0xffffffffu, my_rank, k);
-        const AccT w = __shfl_sync(0xffffffffu, my_weight, k);
-        if (d < 0) continue;
-        const uint8_t* row = v.peers[v.rank] +
-                             combine_region_offset(d, v.num_ranks, v.dispatch_region_bytes, v.combine_region_bytes) +
-                             (size_t(t) * a.num_topk + k) * row_bytes;
-        const int4 packed = *reinterpret_cast<const int4*>(row + size_t(c) * sizeof(T));
-        const T* vals = reinterpret_cast<const T*>(&packed);
+        for (int j = 0; j < kVec; ++j) acc[j] = AccT(0);
+        for (int k = 0; k < a.num_topk; ++k) {  // k order: deterministic
+          const int d = __shfl_sync(0xffffffffu, my_rank, k);
+          const AccT w = __shfl_sync(0xffffffffu, my_weight, k);
+          if (d < 0 || !active) continue;
+          const uint8_t* row = v.peers[v.rank] +
+                               combine_region_offset(d, v.num_ranks, v.dispatch_region_bytes, v.combine_region_bytes) +
+                               (size_t(t) * a.num_topk + k) * row_bytes;
+          const int4 packed = *reinterpret_cast<const int4*>(row + size_t(c) * sizeof(T));
+          const T* vals = reinterpret_cast<const T*>(&packed);
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) acc[j] += w * to_acc(vals[j]);
+          for (int j = 0; j < kVec; ++j) acc[j] += w * to_acc(vals[j]);
+        }
+        int4 result;
+        T* res = reinterpret_cast<T*>(&result);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) res[j] = from_acc<T>(acc[j]);
+        if (active) *reinterpret_cast<int4*>(out + size_t(t) * a.hidden + c) = result;
       }
-      int4 result;
-      T* res = reinterpret_cast<T*>(&result);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) res[j] = from_acc<T>(acc[j]);
-      *reinterpret_cast<int4*>(out + size_t(t) * a.hidden + c) = result;
     }
   }
-  release_on_every_rank_when_done(v, kCombineRecv, kSlotCombineFree);
+  release_on_every_rank_when_done(v, kCombineRecv, kSlotCombineFree, ok);
 }
 
 }  // namespace

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from moe_comm import Buffer
+from moe_comm import Buffer, EventOverlap
 from moe_comm.errors import BufferCapacityError, CommTimeoutError
 from moe_comm.fp8 import per_token_cast_to_fp8
 from tests.conformance import Case, make_inputs
@@ -195,6 +195,29 @@ def check_stream_order(case: Case) -> None:
         ll = completes("low_latency_dispatch + hook",
                        lambda: hooked(buf.low_latency_dispatch(x, idx, max_tokens, num_experts, use_fp8=False, return_recv_hook=True)))
         completes("low_latency_combine + hook", lambda: hooked(buf.low_latency_combine(ll.recv_x, idx, w, ll.handle, return_recv_hook=True)))
+
+
+def check_previous_event_orders_the_computed_layout(case: Case) -> None:
+    """A dispatch given ``previous_event`` but no layout computes the layout on the caller's stream; every kernel
+    the communication stream then runs is ordered after that layout (it reads it), for exact and worst-case."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, idx, w = make_inputs(case, rank, world)
+    num_experts = case.experts_per_rank * world
+    tracker = stream_tracker()
+    with Buffer(backend=MODEL_BACKEND) as buf:
+        for worst in (0, (case.tokens + 2) * world):
+            event = EventOverlap(event=torch.cuda.Event())
+            event.event.record(tracker.current())
+            first = len(tracker.launches)
+            buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts, num_worst_tokens=worst,
+                         previous_event=event)
+            launched = tracker.launches[first:]
+            layouts = [launch for launch in launched if launch.kernel == "layout"]
+            assert len(layouts) == 1, [launch.kernel for launch in launched]
+            layout = layouts[0]
+            early = [launch.kernel for launch in launched[launched.index(layout) + 1:]
+                     if launch.ordered_after.get(layout.stream, 0) < layout.index]
+            assert not early, f"rank {rank} worst={worst}: {early} may run before the layout they read"
 
 
 class _KeepAlive(TorchDispatchMode):

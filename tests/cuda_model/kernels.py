@@ -364,18 +364,20 @@ class KernelModel:
         if not self._wait_all_ranks(v, self.slot["dispatch_flag"], v.epoch, self.phase["dispatch_arrive"]):
             return
         own = v.header(v.rank)
-        start, total = [], 0
+        start, total, wanted = [], 0, 0
         for s in range(v.num_ranks):
             start.append(total)
             count = int(own[self.slot["dispatch_count"] + s])  # written before the flag acquired above
             if count > capacity_rows:
                 self._record_error(v, s, self.phase["overflow"], capacity_rows, count)
                 count = capacity_rows
+            wanted += count
+            count = min(count, max_rows - total)  # clipped to the outputs, so the combine reads within them
             raw(recv_counts, v.num_ranks, torch.int32)[s] = count  # block 0
             total += count
-        if total > max_rows:
-            self._record_error(v, -1, self.phase["overflow"], max_rows, total)
-        start.append(min(total, max_rows))
+        if wanted > max_rows:
+            self._record_error(v, -1, self.phase["overflow"], max_rows, wanted)
+        start.append(total)
 
         rec = self._record(row_bytes, num_scales, num_topk)
         for i in range(start[v.num_ranks]):
@@ -530,7 +532,7 @@ class KernelModel:
             acc = torch.zeros(hidden, dtype=acc_dtype)
             for k in range(num_topk):  # k order (the GPU fuses w * v + acc; compared within a tolerance)
                 e = int(ids[t, k])
-                if e < 0:
+                if e < 0 or e >= experts_per_rank * v.num_ranks:  # as the layout kernel, ids past E are none
                     continue
                 row = v.combine_region(v.rank, e // experts_per_rank) + (t * num_topk + k) * row_bytes
                 self.memory.check_range(row, row_bytes)
