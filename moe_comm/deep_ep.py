@@ -107,6 +107,7 @@ class Buffer(_Buffer):
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False, use_fabric: bool = False,
                  explicitly_destroy: bool = False, enable_shrink: bool = False, **options: Any) -> None:
+        self._own_num_sms = "num_sms" in options  # else the class-wide value, read at every call as DeepEP does
         options.setdefault("num_sms", type(self).num_sms)
         super().__init__(group, **options)
         self.num_nvl_bytes = int(num_nvl_bytes)
@@ -159,6 +160,9 @@ class Buffer(_Buffer):
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Nothing to clean: flags are compared against epochs that only grow (docs/kernels.md)."""
 
+    def _default_config(self) -> Config:
+        return Config(self.num_sms if self._own_num_sms else Buffer.num_sms)
+
     # ------------------------------------------------------------------------------------------------
     # normal mode
 
@@ -176,7 +180,7 @@ class Buffer(_Buffer):
                  allocate_on_comm_stream: bool = False, *, num_experts: int | None = None) -> DispatchResult:
         result = super().dispatch(
             x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
-            topk_weights, expert_alignment, num_worst_tokens, config if config is not None else self.get_dispatch_config(self.group_size),
+            topk_weights, expert_alignment, num_worst_tokens, config if config is not None else self._default_config(),
             previous_event, async_finish, allocate_on_comm_stream, num_experts=num_experts)
         return result._replace(event=_event_or_noop(result.event))
 
@@ -185,7 +189,7 @@ class Buffer(_Buffer):
                 config: _Config | None = None, previous_event: EventOverlap | None = None, async_finish: bool = False,
                 allocate_on_comm_stream: bool = False) -> CombineResult:
         result = super().combine(x, handle, topk_weights, bias,
-                                 config if config is not None else self.get_combine_config(self.group_size),
+                                 config if config is not None else self._default_config(),
                                  previous_event, async_finish, allocate_on_comm_stream)
         return result._replace(event=_event_or_noop(result.event))
 

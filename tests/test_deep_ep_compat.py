@@ -59,22 +59,30 @@ def _normal_mode_like_deepep_readme(seed: int) -> None:
         assert counts == want.num_recv_tokens_per_expert_list
 
 
+def _record_num_sms(buf: deep_ep.Buffer, seen: list[int]) -> None:
+    """Make ``buf``'s backend note the SM budget of every dispatch request it gets."""
+    original = buf.backend.dispatch
+
+    def dispatch(request):
+        seen.append(request.num_sms)
+        return original(request)
+
+    buf.backend.dispatch = dispatch
+
+
 def _config_reaches_the_calls() -> None:
     seen: list[int] = []
+    x, idx, w = make_inputs(Case(), dist.get_rank(), dist.get_world_size())
+    experts = Case().experts_per_rank * dist.get_world_size()
     with deep_ep.Buffer(None, backend="torch") as buf:
-        original = buf.backend.dispatch
-
-        def dispatch(request):
-            seen.append(request.num_sms)
-            return original(request)
-
-        buf.backend.dispatch = dispatch
-        x, idx, w = make_inputs(Case(), dist.get_rank(), dist.get_world_size())
-        experts = Case().experts_per_rank * dist.get_world_size()
-        deep_ep.Buffer.set_num_sms(10)
+        _record_num_sms(buf, seen)
+        deep_ep.Buffer.set_num_sms(10)  # after construction: read at the call, as DeepEP does
         buf.dispatch(x, topk_idx=idx, num_experts=experts)
         buf.dispatch(x, topk_idx=idx, num_experts=experts, config=deep_ep.Config(6, 6, 256, 6, 128))
-    assert seen == [10, 6], seen
+    with deep_ep.Buffer(None, backend="torch", num_sms=14) as own:  # an explicit num_sms wins over the class's
+        _record_num_sms(own, seen)
+        own.dispatch(x, topk_idx=idx, num_experts=experts)
+    assert seen == [10, 6, 14], seen
 
 
 def _low_latency_with_stats(hook: bool) -> None:
