@@ -139,6 +139,12 @@ class Buffer:
             raise RuntimeError(f"rank {self.rank}: this Buffer was destroyed")
         return self._backend
 
+    def raise_if_failed(self) -> None:
+        """Raise the :class:`CommTimeoutError` (or :class:`BufferCapacityError`) a kernel of this Buffer recorded,
+        if any, without synchronising. Every call checks this itself; replays of a captured CUDA graph run no
+        host code, so call it after replays (what the kernels recorded becomes visible once they ran)."""
+        self.backend.raise_if_failed()
+
     def destroy(self) -> None:
         """Release the backend's resources. The Buffer cannot be used afterwards. Idempotent."""
         if self._backend is not None:

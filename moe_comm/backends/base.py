@@ -234,5 +234,8 @@ class CommBackend(abc.ABC):
         """The stream the backend's work runs on, or ``None`` when it has none (CPU, or collectives)."""
         return None
 
+    def raise_if_failed(self) -> None:  # noqa: B027 - optional hook
+        """Raise an error the backend's device work recorded (no synchronisation); a no-op where none can be."""
+
     def destroy(self) -> None:  # noqa: B027 - optional hook
         """Release resources (device buffers, IPC mappings). Idempotent."""

@@ -182,6 +182,10 @@ class CudaBackend(CommBackend):
         finally:
             mem.destroy()
 
+    def raise_if_failed(self) -> None:
+        if self._mem is not None:
+            self._mem.raise_if_failed("a kernel launched earlier")
+
     def destroy(self) -> None:
         self._release("destroy")
 

@@ -291,6 +291,7 @@ def check_replayed_launches(case: Case, kind: str, replays: int = 2) -> None:
             out = graphed.combine()
         views = dispatch_launches.views() | combine_launches.views()
         assert len(views) == 1, f"rank {rank}: the launches of one step took {len(views)} different views"
+        buf.raise_if_failed()  # nothing recorded
         for round_ in range(replays):
             fresh = torch.randn(x.shape, generator=gen).to(x.dtype)
             graphed.x.copy_(fresh)
@@ -317,6 +318,12 @@ def check_missing_sender_times_out(case: Case, timeout_s: float = 1.0) -> None:
         else:
             raise AssertionError(f"rank {rank}: the dispatch completed without rank {missing}'s send")
     assert f"dispatch arrive flag of peer rank {missing} (expected >= 1, observed 0)" in message, message
+    try:  # what graph users call after replays
+        buf.raise_if_failed()
+    except CommTimeoutError as exc:
+        assert f"peer rank {missing}" in str(exc), str(exc)
+    else:
+        raise AssertionError(f"rank {rank}: Buffer.raise_if_failed() missed the recorded timeout")
     # Its flags and counters may be inconsistent now: the next call raises the same error instead of launching.
     tracker = stream_tracker()
     launched = len(tracker.launches)

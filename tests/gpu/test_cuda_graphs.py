@@ -56,6 +56,7 @@ def _graphed_step_matches_eager(kind: str, replays: int = 3) -> None:
             eager.x.copy_(fresh)
             want = eager()
             torch.cuda.synchronize(dev)
+            buf.raise_if_failed()
             assert torch.equal(got, want), (
                 f"rank {rank} {kind} replay {round_}: max |diff| {(got.float() - want.float()).abs().max().item()}")
         del graph
