@@ -8,7 +8,7 @@ modules share that process); tests/test_cuda_model.py calls it from rank bodies,
   extension, found with ``importlib.util.find_spec("moe_comm._C")``, supplies constants, layout arithmetic and
   the argument checks of every launcher);
 * replaces ``torch.cuda`` streams and events by the ordering-recording fakes of :mod:`tests.cuda_model.streams`,
-  makes ``torch.cuda.is_available()`` true, ``current_device()`` 0 and ``synchronize()`` a no-op (the model's
+  makes ``torch.cuda.is_available()`` true (and ``is_current_stream_capturing()`` false), ``current_device()`` 0 and ``synchronize()`` a no-op (the model's
   kernels complete at their launch), gives the one device a name and :data:`MODEL_SM_COUNT` SMs
   (``get_device_name``, ``get_device_properties``), and makes ``Tensor.pin_memory()`` a plain copy;
 * puts the symmetric buffers' small host-side tensors on the CPU and drops the two "is this a CUDA tensor"
@@ -138,6 +138,7 @@ def install(config: ModelConfig) -> None:
     sys.modules["moe_comm._C"] = extension
 
     torch.cuda.is_available = lambda: True
+    torch.cuda.is_current_stream_capturing = lambda: False  # never capturing; a CUDA build would ask the driver
     torch.cuda.current_device = lambda: 0
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.Stream = lambda device=None, priority=0: FakeStream(tracker, device, priority)
