@@ -9,15 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.gpu import skip_module_without_cuda
+
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device", allow_module_level=True)
-
-from moe_comm.backends import cuda as cb  # noqa: E402
-
-if not cb.extension_status()[0]:
-    pytest.skip(f"cuda extension unusable: {cb.extension_status()[1]}", allow_module_level=True)
+skip_module_without_cuda()
 
 from moe_comm.backends import cuda_intranode as ops  # noqa: E402
 from moe_comm.backends.cuda_emulator import MultiRankEmulator  # noqa: E402

@@ -12,17 +12,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.gpu import skip_module_without_cuda
+
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device", allow_module_level=True)
+skip_module_without_cuda()
 
 from moe_comm import Buffer  # noqa: E402
-from moe_comm.backends import cuda as cb  # noqa: E402
-
-if not cb.extension_status()[0]:
-    pytest.skip(f"cuda extension unusable: {cb.extension_status()[1]}", allow_module_level=True)
-
 from tests.conformance import Case, make_inputs  # noqa: E402
 from tests.graph_steps import make_step  # noqa: E402
 from tests.harness import pool_fixture  # noqa: E402

@@ -7,12 +7,12 @@ the exchanges between ranks are covered on CPU by tests/test_conformance.py. Ski
 from __future__ import annotations
 
 import pytest
-import torch
+
+from tests.gpu import skip_module_without_cuda
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device", allow_module_level=True)
+skip_module_without_cuda(extension=False)
 
 from tests.conformance import conformance_tests  # noqa: E402
 from tests.harness import pool_fixture  # noqa: E402
