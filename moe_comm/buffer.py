@@ -229,11 +229,10 @@ class Buffer:
                 previous_event.current_stream_wait()
             yield None
             return
-        if previous_event is not None and previous_event.event is not None:
+        waits_for_event = previous_event is not None and previous_event.event is not None
+        if waits_for_event:
             stream.wait_event(previous_event.event)
-            if after_current:
-                stream.wait_stream(torch.cuda.current_stream())
-        else:
+        if after_current or not waits_for_event:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             yield stream
