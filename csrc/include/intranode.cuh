@@ -204,6 +204,19 @@ __device__ __forceinline__ void release_on_every_rank_when_done(const PeerView& 
   }
 }
 
+// Position of token t among this rank's rows for rank d (send_pos), or -1 where t does not go to d; a
+// position outside [0, capacity_rows) is recorded as an overflow (by lane 0) and also gives -1.
+__device__ __forceinline__ int token_position(const PeerView& v, const bool* is_token_in_rank, const int* send_pos,
+                                              int t, int d, int capacity_rows, int lane) {
+  if (d >= v.num_ranks || !is_token_in_rank[size_t(t) * v.num_ranks + d]) return -1;
+  const int pos = send_pos[size_t(t) * v.num_ranks + d];
+  if (pos < 0 || pos >= capacity_rows) {
+    if (lane == 0) record_error(v.err, v.rank, d, kPhaseOverflow, capacity_rows, pos);
+    return -1;
+  }
+  return pos;
+}
+
 // A grid-stride loop over items, one warp per item.
 struct WarpIndex {
   int lane, warp, num_warps;

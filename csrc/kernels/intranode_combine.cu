@@ -74,16 +74,11 @@ __global__ void __launch_bounds__(kIntranodeThreads) combine_recv_kernel(Combine
       const uint8_t* rows[kMaxRanks];
 #pragma unroll
       for (int d = 0; d < kMaxRanks; ++d) {
-        rows[d] = nullptr;
-        if (d >= v.num_ranks || !a.is_token_in_rank[size_t(t) * v.num_ranks + d]) continue;
-        const int pos = a.send_pos[size_t(t) * v.num_ranks + d];
-        if (pos < 0 || pos >= a.capacity_rows) {
-          if (lane == 0) record_error(v.err, v.rank, d, kPhaseOverflow, a.capacity_rows, pos);
-          continue;
-        }
-        rows[d] = v.peers[v.rank] +
-                  combine_region_offset(d, v.num_ranks, v.dispatch_region_bytes, v.combine_region_bytes) +
-                  size_t(pos) * rec_bytes;
+        const int pos = token_position(v, a.is_token_in_rank, a.send_pos, t, d, a.capacity_rows, lane);
+        rows[d] = pos < 0 ? nullptr
+                          : v.peers[v.rank] +
+                                combine_region_offset(d, v.num_ranks, v.dispatch_region_bytes, v.combine_region_bytes) +
+                                size_t(pos) * rec_bytes;
       }
       for (int c = lane * kVec; c < a.hidden; c += 32 * kVec) {
         int4 packed[kMaxRanks];

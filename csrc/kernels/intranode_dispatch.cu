@@ -106,14 +106,9 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_send_kernel(Dis
       uint8_t* dsts[kMaxRanks];
 #pragma unroll
       for (int d = 0; d < kMaxRanks; ++d) {
-        dsts[d] = nullptr;
-        if (d >= v.num_ranks || !a.is_token_in_rank[size_t(t) * v.num_ranks + d]) continue;
-        const int pos = a.send_pos[size_t(t) * v.num_ranks + d];
-        if (pos < 0 || pos >= a.capacity_rows) {
-          if (lane == 0) record_error(v.err, v.rank, d, kPhaseOverflow, a.capacity_rows, pos);
-          continue;
-        }
-        dsts[d] = v.peers[d] + dispatch_region_offset(v.rank, v.dispatch_region_bytes) + size_t(pos) * rec.bytes;
+        const int pos = token_position(v, a.is_token_in_rank, a.send_pos, t, d, a.capacity_rows, lane);
+        dsts[d] = pos < 0 ? nullptr
+                          : v.peers[d] + dispatch_region_offset(v.rank, v.dispatch_region_bytes) + size_t(pos) * rec.bytes;
       }
       if (a.cast_dtype != kNoCast) cast_row_to_records(a, rec, dsts, t, lane);
 #pragma unroll
