@@ -270,17 +270,15 @@ class KernelModel:
                 return False
             time.sleep(POLL_S)
 
-    def _last_block_to_finish(self, v: PeerView, kernel: str, num_blocks: int) -> bool:
-        """last_block_to_finish, for every block of the grid in turn: each adds 1 to the kernel's counter; the
-        block that brings it to gridDim.x is the last and puts it back to 0 for the next launch."""
-        counter = v.header(v.rank)
-        index = self.slot["blocks_done"] + self.kernel_id[kernel]
-        assert int(counter[index]) == 0, (
-            f"rank {v.rank} {kernel}: the finished-block counter is {int(counter[index])} at a launch; a previous "
+    def _last_block_to_finish(self, v: PeerView, kernel: str) -> bool:
+        """last_block_to_finish (and last_block_of_complete_launch): the model runs a launch's blocks together,
+        so they all succeed (a failed wait returns before this) and the last one is reached; the blocks' adds and
+        the last block's reset leave the counter at 0, where every launch must find it."""
+        counter = int(v.header(v.rank)[self.slot["blocks_done"] + self.kernel_id[kernel]])
+        assert counter == 0, (
+            f"rank {v.rank} {kernel}: the finished-block counter is {counter} at a launch; a previous "
             "launch did not finish, so no block of this one would be the last"
         )
-        counter[index] = num_blocks
-        counter[index] = 0
         return True
 
     def _complete_epoch(self, v: PeerView, kernel: str) -> None:
@@ -346,7 +344,7 @@ class KernelModel:
                         w = raw(topk_weights + t * num_topk * 4, num_topk, torch.float32)
                         raw(dst + rec.topk_weights, num_topk, torch.float32)[:] = torch.where(local, w, 0.0)
                 raw(dst + rec.src_idx, 1, torch.int32)[0] = t
-        if self._last_block_to_finish(v, "dispatch_send", num_sms):
+        if self._last_block_to_finish(v, "dispatch_send"):
             counts = raw(num_tokens_per_rank, ranks, torch.int32)
             for d in range(ranks):
                 peer = v.header(d)
@@ -399,7 +397,7 @@ class KernelModel:
                 raw(recv_src_idx + i * 4, 1, torch.int32)[0] = raw(src + rec.src_idx, 1, torch.int32)[0]
             if recv_src_rank:
                 raw(recv_src_rank + i * 4, 1, torch.int32)[0] = s
-        if self._last_block_to_finish(v, "dispatch_recv", num_sms):
+        if self._last_block_to_finish(v, "dispatch_recv"):
             for s in range(v.num_ranks):
                 v.header(s)[self.slot["dispatch_free"] + v.rank] = v.epoch  # st_release_sys
             self._complete_epoch(v, "dispatch_recv")
@@ -436,7 +434,7 @@ class KernelModel:
             warp_copy16(dst, x + i * row_bytes, row_bytes)
             if topk_weights and num_topk:
                 raw(dst + weights_offset, num_topk, torch.float32)[:] = raw(topk_weights + i * num_topk * 4, num_topk, torch.float32)
-        if self._last_block_to_finish(v, "combine_send", num_sms):
+        if self._last_block_to_finish(v, "combine_send"):
             for s in range(v.num_ranks):
                 v.header(s)[self.slot["combine_flag"] + v.rank] = v.epoch  # st_release_sys
             self._complete_epoch(v, "combine_send")
@@ -479,7 +477,7 @@ class KernelModel:
                 for row in rows:
                     w += raw(row + weights_offset, num_topk, torch.float32)
                 raw(out_weights + t * num_topk * 4, num_topk, torch.float32)[:] = w
-        if self._last_block_to_finish(v, "combine_recv", num_sms):
+        if self._last_block_to_finish(v, "combine_recv"):
             for d in range(ranks):
                 v.header(d)[self.slot["combine_free"] + v.rank] = v.epoch  # st_release_sys
             self._complete_epoch(v, "combine_recv")
@@ -508,7 +506,7 @@ class KernelModel:
             dst = v.combine_region(s, v.rank) + (t * num_topk + k) * row_bytes
             self.memory.check_range(dst, row_bytes)
             warp_copy16(dst, x + row * row_bytes, row_bytes)
-        if self._last_block_to_finish(v, "combine_send", num_sms):
+        if self._last_block_to_finish(v, "combine_send"):
             for s in range(v.num_ranks):
                 v.header(s)[self.slot["combine_flag"] + v.rank] = v.epoch  # st_release_sys
             self._complete_epoch(v, "combine_send")
@@ -538,7 +536,7 @@ class KernelModel:
                 self.memory.check_range(row, row_bytes)
                 acc += weights[t, k].to(acc_dtype) * raw(row, hidden, row_dtype).to(acc_dtype)
             result[t] = acc.to(row_dtype)
-        if self._last_block_to_finish(v, "combine_recv", num_sms):
+        if self._last_block_to_finish(v, "combine_recv"):
             for d in range(v.num_ranks):
                 v.header(d)[self.slot["combine_free"] + v.rank] = v.epoch  # st_release_sys
             self._complete_epoch(v, "combine_recv")
