@@ -1,4 +1,6 @@
 """Build ``moe_comm._C`` from csrc/ with nvcc + pybind11 when nvcc is found; otherwise install pure Python.
+With it comes ``moe_comm._C_simt``: the same kernels compiled by the host C++ compiler to run on CPU fibers
+(csrc/simt/simt.h), which the tests' kernel model runs where there is no GPU.
 
 Environment:
     MOE_COMM_CUDA_ARCHS: semicolon/comma separated SM versions (default "90" -> sm_90).
@@ -38,6 +40,25 @@ def _cuda_home() -> Path | None:
     return None
 
 
+def _cuda_host_paths(nvcc: str) -> tuple[list[str], list[str]]:
+    """The include and library directories nvcc itself uses (so wrapper scripts and split installs work), as
+    host-compiler flags."""
+    dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True,
+                         text=True, check=False).stderr
+    includes: list[str] = []
+    libs: list[str] = []
+    for line in dry.splitlines():
+        words = line.replace('"', " ").split()
+        for i, word in enumerate(words):
+            if word.startswith("-I") and len(word) > 2:
+                includes.append(word)
+            elif word == "-isystem" and i + 1 < len(words):
+                includes.append(f"-I{words[i + 1]}")
+            elif word.startswith("-L") and len(word) > 2 and not word.rstrip("/").endswith("stubs"):
+                libs.append(word)
+    return list(dict.fromkeys(includes)), list(dict.fromkeys(libs))
+
+
 def _archs() -> list[str]:
     raw = os.environ.get("MOE_COMM_CUDA_ARCHS", "90")
     archs = [a.strip().replace("sm_", "").replace(".", "") for a in raw.replace(",", ";").split(";") if a.strip()]
@@ -47,10 +68,27 @@ def _archs() -> list[str]:
     return archs
 
 
+def _run_parallel(commands: list[list[str]]) -> None:
+    """Run the compile commands, as many at once as there are cores (MAX_JOBS caps it, as for torch extensions)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = int(os.environ.get("MAX_JOBS") or cores)
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(jobs, len(commands)))) as pool:
+        for cmd in commands:
+            print(" ".join(cmd), flush=True)
+        failed = [cmd for cmd, rc in zip(commands, pool.map(subprocess.call, commands), strict=True) if rc != 0]
+    if failed:
+        raise subprocess.CalledProcessError(1, [next(a for a in cmd if a.endswith((".cu", ".cpp"))) for cmd in failed])
+
+
 class NvccBuildExt(build_ext):
-    """Compile .cu with nvcc, .cpp with nvcc as host compiler driver, link with nvcc (static cudart)."""
+    """``moe_comm._C``: compile .cu with nvcc, .cpp with nvcc as host compiler driver, link with nvcc (static
+    cudart). ``moe_comm._C_simt``: the same sources with the host C++ compiler and -DMOE_COMM_SIMT, the kernels
+    running on CPU fibers (csrc/simt/simt.h), for the tests' kernel model."""
 
     def build_extension(self, ext: Extension) -> None:
+        if ext.name.endswith("_C_simt"):
+            self._build_simt(ext)
+            return
         import pybind11
 
         cuda = _cuda_home()
@@ -75,19 +113,39 @@ class NvccBuildExt(build_ext):
                 cmd += ["-x", "c++"]
             commands.append(cmd)
             objects.append(str(obj))
-        # One nvcc per source, as many at once as there are cores (MAX_JOBS caps it, as for torch extensions).
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        jobs = int(os.environ.get("MAX_JOBS") or cores)
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(jobs, len(commands)))) as pool:
-            for cmd in commands:
-                print(" ".join(cmd), flush=True)
-            failed = [cmd for cmd, rc in zip(commands, pool.map(subprocess.call, commands), strict=True) if rc != 0]
-        if failed:
-            raise subprocess.CalledProcessError(1, [cmd[2] for cmd in failed])
+        _run_parallel(commands)
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
         link = [nvcc, "-shared", "-o", str(out), *objects, *gencode, "-cudart", "static",
                 f"-L{cuda / 'lib64'}", "-lrt", "-lpthread", "-ldl"]
+        print(" ".join(link), flush=True)
+        subprocess.check_call(link)
+
+    def _build_simt(self, ext: Extension) -> None:
+        import pybind11
+
+        cuda_includes, cuda_libs = _cuda_host_paths(str(_cuda_home() / "bin" / "nvcc"))
+        cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+        if cxx is None:
+            raise SystemExit("moe_comm: no host C++ compiler for moe_comm._C_simt (set CXX)")
+        # -fno-strict-aliasing: the kernels reinterpret 16-byte vectors as rows, which nvcc allows.
+        # -mfma -ffp-contract=fast: contract a * b + c into an FMA where the host compiler sees one, as nvcc does.
+        flags = ["-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-mfma",
+                 "-ffp-contract=fast", "-Wno-unknown-pragmas", "-DMOE_COMM_SIMT",
+                 f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC / 'include'}",
+                 *cuda_includes]
+        build_tmp = Path(self.build_temp) / "moe_comm_C_simt"
+        build_tmp.mkdir(parents=True, exist_ok=True)
+        commands, objects = [], []
+        for src in ext.sources:
+            obj = build_tmp / (Path(src).stem + Path(src).suffix.replace(".", "_") + ".o")
+            commands.append([cxx, "-c", "-x", "c++", str(src), "-o", str(obj), *flags])
+            objects.append(str(obj))
+        _run_parallel(commands)
+        out = Path(self.get_ext_fullpath(ext.name))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        link = [cxx, "-shared", "-o", str(out), *objects, *cuda_libs, "-l:libcudart_static.a", "-lrt",
+                "-lpthread", "-ldl"]
         print(" ".join(link), flush=True)
         subprocess.check_call(link)
 
@@ -100,7 +158,10 @@ def _extensions() -> tuple[list[Extension], dict]:
         print("moe_comm: nvcc not found, installing pure Python (portable torch backend only)", file=sys.stderr)
         return [], {}
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*") if p.suffix in (".cu", ".cpp"))
-    return [Extension("moe_comm._C", sources=sources)], {"build_ext": NvccBuildExt}
+    simt = str((CSRC / "simt").relative_to(ROOT))
+    device = [src for src in sources if not src.startswith(simt)]
+    return ([Extension("moe_comm._C", sources=device), Extension("moe_comm._C_simt", sources=sources)],
+            {"build_ext": NvccBuildExt})
 
 
 ext_modules, cmdclass = _extensions()

@@ -46,12 +46,16 @@ class ModelPool:
         return self.ranks.run(checks.on_model, self.config, fn, *args, timeout_s=timeout_s, **kwargs)
 
 
+KERNELS = os.environ.get("MOE_COMM_MODEL_KERNELS", "python")
+ORDER = os.environ.get("MOE_COMM_MODEL_ORDER", "forward")
+
+
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"ranks{n}" for n in WORLD_SIZES])
 def pool(request: pytest.FixtureRequest) -> Iterator[ModelPool]:
     memory_dir = tempfile.mkdtemp(prefix="moe_comm_model_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
         with RankPool(request.param, default_timeout_s=120.0) as ranks:
-            yield ModelPool(ranks, install.ModelConfig(memory_dir))
+            yield ModelPool(ranks, install.ModelConfig(memory_dir, kernels=KERNELS, order=ORDER))
     finally:
         shutil.rmtree(memory_dir, ignore_errors=True)
 

@@ -15,6 +15,11 @@ using namespace moe_comm;
 #ifndef MOE_COMM_ARCHS
 #define MOE_COMM_ARCHS "unknown"
 #endif
+#if defined(MOE_COMM_SIMT)
+#define MOE_COMM_MODULE _C_simt  // the same bindings, the kernels on CPU fibers (csrc/simt)
+#else
+#define MOE_COMM_MODULE _C
+#endif
 
 namespace {
 
@@ -65,8 +70,16 @@ std::string device_status() {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(MOE_COMM_MODULE, m) {
   m.doc() = "moe_comm CUDA kernels (raw-pointer bindings)";
+#if defined(MOE_COMM_SIMT)
+  m.def("simt_configure", [](int order, uint64_t seed) {
+          MC_CHECK(order >= 0 && order <= 2, "order: 0 (forward), 1 (reverse) or 2 (shuffled)");
+          simt::configure(simt::Order(order), seed);
+        },
+        py::arg("order"), py::arg("seed"), "Block and thread order of later launches: 0 forward, 1 reverse, 2 shuffled.");
+  m.def("simt_launches", &simt::launches_completed, "Kernel launches completed in this process.");
+#endif
   py::register_exception<Error>(m, "MoeCommError", PyExc_RuntimeError);
   m.def("compiled_architectures", []() { return std::string(MOE_COMM_ARCHS); });
   m.def("device_count", &device_count);

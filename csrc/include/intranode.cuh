@@ -5,13 +5,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <cuda_runtime.h>
-#ifdef __CUDACC__
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#endif
 #include "exception.cuh"
 #include "layout.cuh"
 #include "ptx.cuh"
+#if MOE_COMM_DEVICE_CODE
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
 
 namespace moe_comm {
 
@@ -162,7 +162,7 @@ inline void check_peer_view(const PeerView& v) {
            "region sizes must be multiples of 128 bytes");
 }
 
-#ifdef __CUDACC__
+#if MOE_COMM_DEVICE_CODE
 constexpr int kIntranodeThreads = 512;  // threads per block of every intranode kernel
 
 __device__ __forceinline__ int* header_of(const PeerView& v, int rank) { return reinterpret_cast<int*>(v.peers[rank]); }

@@ -3,8 +3,18 @@
 // copies, the FP8 cast.
 #pragma once
 #include <cstdint>
-#ifdef __CUDACC__
+#include <ctime>
+#if defined(MOE_COMM_SIMT)
+#include "../simt/simt.h"  // the device code on CPU threads (tests/cuda_model)
+#elif defined(__CUDACC__)
 #include <cuda_fp8.h>
+#endif
+
+// Whether this translation unit compiles the device code: nvcc, or the host compiler for csrc/simt.
+#if defined(__CUDACC__) || defined(MOE_COMM_SIMT)
+#define MOE_COMM_DEVICE_CODE 1
+#else
+#define MOE_COMM_DEVICE_CODE 0
 #endif
 
 namespace moe_comm {
@@ -31,7 +41,8 @@ struct TimeoutRecord {
 
 constexpr int kFp8Block = 128;  // channels per FP8 scale (see fp8_scale_of)
 
-#ifdef __CUDACC__
+#if MOE_COMM_DEVICE_CODE
+#if defined(__CUDACC__)
 __device__ __forceinline__ int ld_acquire_sys(const int* p) {
   int v;
   asm volatile("ld.acquire.sys.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -47,6 +58,14 @@ __device__ __forceinline__ int atomic_add_release_sys(int* p, int v) {
   asm volatile("atom.add.release.sys.global.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
   return old;
 }
+#else  // MOE_COMM_SIMT: host atomics; an acquire load is where a spinning thread lets the others run
+inline int ld_acquire_sys(const int* p) {
+  ::simt::spin_point();
+  return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+inline void st_release_sys(int* p, int v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+inline int atomic_add_release_sys(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELEASE); }
+#endif
 
 __device__ __forceinline__ void record_error(TimeoutRecord* err, int rank, int peer, int phase, long long expected,
                                              long long observed) {
@@ -64,9 +83,15 @@ __device__ __forceinline__ void record_error(TimeoutRecord* err, int rank, int p
 // Nanoseconds of the GPU's global timer: wall time, unlike clock64(), whose rate follows the SM clock (an idle
 // H200 runs at a fifth of the rate cudaDevAttrClockRate reports, which would stretch every timeout five-fold).
 __device__ __forceinline__ unsigned long long global_timer_ns() {
+#if defined(__CUDACC__)
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
+#else
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<unsigned long long>(ts.tv_sec) * 1000000000ull + static_cast<unsigned long long>(ts.tv_nsec);
+#endif
 }
 
 // Spin until *p >= expected or `timeout_ns` elapse; on expiry fill `err` (first writer wins) and return false.
@@ -136,6 +161,6 @@ __device__ __forceinline__ float fp8_scale_of(float amax) { return fmaxf(amax, 1
 __device__ __forceinline__ uint8_t fp8_e4m3_of(float v, float scale) {
   return __nv_cvt_float_to_fp8(v / scale, __NV_SATFINITE, __NV_E4M3);
 }
-#endif  // __CUDACC__
+#endif  // MOE_COMM_DEVICE_CODE
 
 }  // namespace moe_comm

@@ -3,6 +3,7 @@
 // `rank` on every peer, then waits until each of its own slots reached `epoch`. Bounded by timeout_ns.
 #include "../include/api.cuh"
 #include "../include/exception.cuh"
+#include "../include/launch.cuh"
 #include "../include/layout.cuh"
 #include "../include/ptx.cuh"
 
@@ -25,9 +26,8 @@ void launch_barrier(int* const* counters_table, int rank, int num_ranks, int epo
   MC_CHECK(num_ranks >= 1 && num_ranks <= kMaxRanks, "num_ranks must be in [1, 8]");
   MC_CHECK(rank >= 0 && rank < num_ranks, "rank must be in [0, num_ranks)");
   MC_CHECK(timeout_ns > 0, "timeout_ns must be > 0");
-  barrier_kernel<<<1, 32, 0, stream>>>(counters_table, rank, num_ranks, epoch, timeout_ns,
-                                       static_cast<TimeoutRecord*>(err_record));
-  MC_LAUNCH_CHECK();
+  launch_kernel(barrier_kernel, 1, 32, 0, stream, counters_table, rank, num_ranks, epoch, timeout_ns,
+                static_cast<TimeoutRecord*>(err_record));
 }
 
 }  // namespace moe_comm

@@ -1,6 +1,7 @@
 #include <algorithm>
 #include "../include/api.cuh"
 #include "../include/exception.cuh"
+#include "../include/launch.cuh"
 #include "../include/ptx.cuh"
 
 namespace moe_comm {
@@ -32,8 +33,8 @@ void launch_sm_copy(void* dst, const void* src, size_t bytes, int num_sms, cudaS
   MC_CHECK((reinterpret_cast<uintptr_t>(dst) % 16) == 0 && (reinterpret_cast<uintptr_t>(src) % 16) == 0,
            "dst and src must be 16-byte aligned");
   if (bytes == 0) return;
-  sm_copy_kernel<<<num_sms, 512, 0, stream>>>(static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src), bytes);
-  MC_LAUNCH_CHECK();
+  launch_kernel(sm_copy_kernel, num_sms, 512, 0, stream, static_cast<uint8_t*>(dst), static_cast<const uint8_t*>(src),
+                bytes);
 }
 
 }  // namespace moe_comm

@@ -5,6 +5,7 @@
 #include <cuda_fp8.h>
 #include <algorithm>
 #include "../include/exception.cuh"
+#include "../include/launch.cuh"
 #include "../include/intranode.cuh"
 #include "../include/ptx.cuh"
 
@@ -63,9 +64,8 @@ void launch_per_token_cast_fp8(const void* x, int dtype, int num_tokens, int hid
   MC_CHECK(x != nullptr && out_fp8 != nullptr && out_scales != nullptr, "x/out: null pointer");
   const int64_t warps = int64_t(num_tokens) * ((hidden + kBlock - 1) / kBlock);
   const int blocks = int(std::min<int64_t>(num_sms, (warps + kThreads / 32 - 1) / (kThreads / 32)));
-  per_token_cast_kernel<<<blocks, kThreads, 0, stream>>>(x, dtype, num_tokens, hidden, static_cast<uint8_t*>(out_fp8),
-                                                         out_scales);
-  MC_LAUNCH_CHECK();
+  launch_kernel(per_token_cast_kernel, blocks, kThreads, 0, stream, x, dtype, num_tokens, hidden,
+                static_cast<uint8_t*>(out_fp8), out_scales);
 }
 
 }  // namespace moe_comm

@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include "../include/exception.cuh"
+#include "../include/launch.cuh"
 #include "../include/intranode.cuh"
 #include "../include/layout.cuh"
 #include "../include/ptx.cuh"
@@ -132,8 +133,7 @@ void launch_combine_send(const CombineSendArgs& a, int num_sms, cudaStream_t str
   MC_CHECK(size_t(a.capacity_rows) * combine_record_bytes(a.row_bytes, a.num_topk) <= a.view.combine_region_bytes,
            "capacity_rows exceeds the combine region");
   MC_CHECK(reinterpret_cast<uintptr_t>(a.x) % 16 == 0, "x must be 16-byte aligned");
-  combine_send_kernel<<<num_sms, kIntranodeThreads, 0, stream>>>(a);
-  MC_LAUNCH_CHECK();
+  launch_kernel(combine_send_kernel, num_sms, kIntranodeThreads, 0, stream, a);
 }
 
 void launch_combine_recv(const CombineRecvArgs& a, int num_sms, cudaStream_t stream) {
@@ -148,12 +148,11 @@ void launch_combine_recv(const CombineRecvArgs& a, int num_sms, cudaStream_t str
   MC_CHECK(size_t(a.capacity_rows) * combine_record_bytes(row_bytes, a.num_topk) <= a.view.combine_region_bytes,
            "capacity_rows exceeds the combine region");
   switch (a.dtype) {
-    case kBFloat16: combine_recv_kernel<__nv_bfloat16><<<num_sms, kIntranodeThreads, 0, stream>>>(a); break;
-    case kFloat16: combine_recv_kernel<__half><<<num_sms, kIntranodeThreads, 0, stream>>>(a); break;
-    case kFloat32: combine_recv_kernel<float><<<num_sms, kIntranodeThreads, 0, stream>>>(a); break;
-    case kFloat64: combine_recv_kernel<double><<<num_sms, kIntranodeThreads, 0, stream>>>(a); break;
+    case kBFloat16: launch_kernel(combine_recv_kernel<__nv_bfloat16>, num_sms, kIntranodeThreads, 0, stream, a); break;
+    case kFloat16: launch_kernel(combine_recv_kernel<__half>, num_sms, kIntranodeThreads, 0, stream, a); break;
+    case kFloat32: launch_kernel(combine_recv_kernel<float>, num_sms, kIntranodeThreads, 0, stream, a); break;
+    case kFloat64: launch_kernel(combine_recv_kernel<double>, num_sms, kIntranodeThreads, 0, stream, a); break;
   }
-  MC_LAUNCH_CHECK();
 }
 
 }  // namespace moe_comm

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <algorithm>
 #include "../include/exception.cuh"
+#include "../include/launch.cuh"
 #include "../include/intranode.cuh"
 #include "../include/layout.cuh"
 #include "../include/ptx.cuh"
@@ -208,8 +209,7 @@ void launch_dispatch_send(const DispatchSendArgs& a, int num_sms, cudaStream_t s
     MC_CHECK(a.num_scales == (a.row_bytes + kFp8Block - 1) / kFp8Block,
              "num_scales must be ceil(H / 128) with the fused FP8 cast");
   }
-  dispatch_send_kernel<<<num_sms, kIntranodeThreads, 0, stream>>>(a);
-  MC_LAUNCH_CHECK();
+  launch_kernel(dispatch_send_kernel, num_sms, kIntranodeThreads, 0, stream, a);
 }
 
 void launch_dispatch_recv(const DispatchRecvArgs& a, int num_sms, cudaStream_t stream) {
@@ -222,8 +222,7 @@ void launch_dispatch_recv(const DispatchRecvArgs& a, int num_sms, cudaStream_t s
   MC_CHECK(reinterpret_cast<uintptr_t>(a.recv_x) % 16 == 0, "recv_x must be 16-byte aligned");
   MC_CHECK(size_t(a.capacity_rows) * token_record_bytes(a.row_bytes, a.num_scales, a.num_topk) <=
                a.view.dispatch_region_bytes, "capacity_rows exceeds the dispatch region");
-  dispatch_recv_kernel<<<num_sms, kIntranodeThreads, 0, stream>>>(a);
-  MC_LAUNCH_CHECK();
+  launch_kernel(dispatch_recv_kernel, num_sms, kIntranodeThreads, 0, stream, a);
 }
 
 }  // namespace moe_comm

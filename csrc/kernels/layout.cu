@@ -1,6 +1,7 @@
 #include <algorithm>
 #include "../include/api.cuh"
 #include "../include/exception.cuh"
+#include "../include/launch.cuh"
 
 namespace moe_comm {
 namespace {
@@ -18,7 +19,7 @@ __global__ void zero_counts(int* per_rank, int num_ranks, int* per_expert, int n
 // shared memory then one global atomic per block and bin.
 __global__ void layout_kernel(const int64_t* __restrict__ topk_idx, int num_tokens, int num_topk, int num_experts,
                               int num_ranks, int* per_rank, int* per_expert, bool* in_rank) {
-  extern __shared__ int smem[];
+  MC_DYNAMIC_SHARED(int, smem);
   int* s_rank = smem;
   int* s_expert = smem + num_ranks;
   for (int i = threadIdx.x; i < num_ranks + num_experts; i += blockDim.x) smem[i] = 0;
@@ -56,14 +57,13 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
   MC_CHECK(num_tokens >= 0, "num_tokens must be >= 0");
   MC_CHECK(num_sms >= 1, "num_sms must be >= 1");
   int blocks = std::max(1, std::min(num_sms, (num_tokens + kThreads - 1) / kThreads));
-  zero_counts<<<1, kThreads, 0, stream>>>(num_tokens_per_rank, num_ranks, num_tokens_per_expert, num_experts);
-  MC_LAUNCH_CHECK();
+  launch_kernel(zero_counts, 1, kThreads, 0, stream, num_tokens_per_rank, num_ranks, num_tokens_per_expert,
+                num_experts);
   size_t smem = size_t(num_ranks + num_experts) * sizeof(int);
   MC_CHECK(smem <= 48 * 1024, "num_experts too large for the layout kernel's shared memory");
   if (num_tokens == 0) return;
-  layout_kernel<<<blocks, kThreads, smem, stream>>>(topk_idx, num_tokens, num_topk, num_experts, num_ranks,
-                                                    num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank);
-  MC_LAUNCH_CHECK();
+  launch_kernel(layout_kernel, blocks, kThreads, smem, stream, topk_idx, num_tokens, num_topk, num_experts, num_ranks,
+                num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank);
 }
 
 }  // namespace moe_comm

@@ -8,6 +8,7 @@
 // its region on the token's rank, which sums the K rows weighted, in k order, in float32 (float64 for fp64).
 #include <algorithm>
 #include "../include/exception.cuh"
+#include "../include/launch.cuh"
 #include "../include/intranode.cuh"
 #include "../include/layout.cuh"
 #include "../include/ptx.cuh"
@@ -182,8 +183,7 @@ void launch_low_latency_combine_send(const LowLatencyCombineSendArgs& a, int num
   MC_CHECK(a.num_rows == 0 || (a.x != nullptr && a.slot_of != nullptr && a.src_idx != nullptr && a.src_rank != nullptr),
            "x/slot_of/src_idx/src_rank: null pointer");
   MC_CHECK(reinterpret_cast<uintptr_t>(a.x) % 16 == 0, "x must be 16-byte aligned");
-  ll_combine_send_kernel<<<num_sms, kIntranodeThreads, 0, stream>>>(a);
-  MC_LAUNCH_CHECK();
+  launch_kernel(ll_combine_send_kernel, num_sms, kIntranodeThreads, 0, stream, a);
 }
 
 void launch_low_latency_combine_recv(const LowLatencyCombineRecvArgs& a, int num_sms, cudaStream_t stream) {
@@ -200,12 +200,11 @@ void launch_low_latency_combine_recv(const LowLatencyCombineRecvArgs& a, int num
            "topk_idx/topk_weights/out: null pointer");
   MC_CHECK(reinterpret_cast<uintptr_t>(a.out) % 16 == 0, "out must be 16-byte aligned");
   switch (a.dtype) {
-    case kBFloat16: ll_combine_recv_kernel<__nv_bfloat16><<<num_sms, kIntranodeThreads, 0, stream>>>(a); break;
-    case kFloat16: ll_combine_recv_kernel<__half><<<num_sms, kIntranodeThreads, 0, stream>>>(a); break;
-    case kFloat32: ll_combine_recv_kernel<float><<<num_sms, kIntranodeThreads, 0, stream>>>(a); break;
-    default: ll_combine_recv_kernel<double><<<num_sms, kIntranodeThreads, 0, stream>>>(a); break;
+    case kBFloat16: launch_kernel(ll_combine_recv_kernel<__nv_bfloat16>, num_sms, kIntranodeThreads, 0, stream, a); break;
+    case kFloat16: launch_kernel(ll_combine_recv_kernel<__half>, num_sms, kIntranodeThreads, 0, stream, a); break;
+    case kFloat32: launch_kernel(ll_combine_recv_kernel<float>, num_sms, kIntranodeThreads, 0, stream, a); break;
+    default: launch_kernel(ll_combine_recv_kernel<double>, num_sms, kIntranodeThreads, 0, stream, a); break;
   }
-  MC_LAUNCH_CHECK();
 }
 
 void launch_expert_major(const ExpertMajorArgs& a, int num_sms, cudaStream_t stream) {
@@ -222,8 +221,7 @@ void launch_expert_major(const ExpertMajorArgs& a, int num_sms, cudaStream_t str
            "x/local_ids/src_idx/src_rank/out_x/out_src_idx/out_src_rank/slot_of/row_of: null pointer");
   MC_CHECK(reinterpret_cast<uintptr_t>(a.x) % 16 == 0 && reinterpret_cast<uintptr_t>(a.out_x) % 16 == 0,
            "x and out_x must be 16-byte aligned");
-  expert_major_kernel<<<std::min(num_sms, a.num_experts), kThreads, 0, stream>>>(a);
-  MC_LAUNCH_CHECK();
+  launch_kernel(expert_major_kernel, std::min(num_sms, a.num_experts), kThreads, 0, stream, a);
 }
 
 }  // namespace moe_comm

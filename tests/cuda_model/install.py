@@ -42,6 +42,7 @@ from moe_comm.backends import cuda as cuda_backend
 from moe_comm.backends import cuda_intranode, cuda_memory, registry
 from moe_comm.backends.base import BackendContext
 from tests.cuda_model.kernels import DeviceMemory, KernelModel, model_extension
+from tests.cuda_model.simt import simt_extension
 from tests.cuda_model.streams import FakeEvent, FakeStream, StreamTracker
 
 __all__ = ["MODEL_BACKEND", "MODEL_DEVICE_NAME", "MODEL_SM_COUNT", "ModelConfig", "ModelCudaBackend", "cuda_tensors_on_host",
@@ -59,9 +60,14 @@ class ModelConfig:
     Attributes:
         memory_dir: the directory holding the model's "device memory" files (one per allocation, named by
             the allocating process); its owner (the test fixture) removes it with everything in it.
+        kernels: ``"python"``, the transcriptions of :mod:`tests.cuda_model.kernels`, or ``"simt"``, the CUDA
+            source itself on CPU fibers (:mod:`tests.cuda_model.simt`).
+        order: with ``"simt"``, the order of blocks and threads (:data:`tests.cuda_model.simt.ORDERS`).
     """
 
     memory_dir: str
+    kernels: str = "python"
+    order: str = "forward"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +140,12 @@ def install(config: ModelConfig) -> None:
     real = _real_extension()
     tracker = StreamTracker()
     model = KernelModel(real, DeviceMemory(config.memory_dir), on_launch=tracker.record_launch)
-    extension = model_extension(model)
+    if config.kernels == "simt":
+        extension = simt_extension(model, config.order)
+    elif config.kernels == "python":
+        extension = model_extension(model)
+    else:
+        raise ValueError(f"kernels: expected 'python' or 'simt', got {config.kernels!r}")
     sys.modules["moe_comm._C"] = extension
 
     torch.cuda.is_available = lambda: True

@@ -1,0 +1,397 @@
+// The fiber scheduler behind simt.h: one launch at a time per process, a block at a time, a fiber per thread.
+#include "simt.h"
+
+#include <sched.h>
+#include <sys/mman.h>
+
+#include <random>
+#include <sstream>
+#include <vector>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+namespace simt {
+namespace {
+
+constexpr size_t kStackBytes = 64 * 1024;  // per fiber; the kernels keep a few hundred bytes of locals
+constexpr int kWarpSize = 32;
+
+enum class State { kRunnable, kAtBarrier, kAtWarpOp, kExited };
+
+struct Fiber {
+  ThreadId id{};
+  State state = State::kRunnable;
+  bool spun = false;  // gave way at a spin point, not at a barrier or collective
+  // The collective or barrier it waits at, and its operands.
+  const char* file = nullptr;
+  int line = 0;
+  WarpOp op = WarpOp::kSync;
+  unsigned mask = 0;
+  uint64_t value = 0;
+  int arg = 0;
+  int width = 0;
+  uint64_t result = 0;
+  uint8_t* stack = nullptr;
+#if defined(__x86_64__)
+  void* sp = nullptr;
+#else
+  ucontext_t context{};
+#endif
+};
+
+// The running launch (launches do not nest: a kernel launches nothing).
+struct Launch {
+  dim3 grid, block;
+  const std::function<void()>* body = nullptr;
+  std::vector<Fiber> fibers;
+  std::vector<uint8_t> smem;
+  Fiber* running = nullptr;
+  std::string error;
+#if defined(__x86_64__)
+  void* scheduler_sp = nullptr;
+#else
+  ucontext_t scheduler{};
+#endif
+};
+
+Launch g_launch;
+Order g_order = Order::kForward;
+std::mt19937_64 g_rng(0);
+uint64_t g_launches_completed = 0;
+std::vector<uint8_t*> g_stacks;  // reused across launches
+
+uint8_t* stack_for(size_t i) {
+  while (g_stacks.size() <= i) {
+    void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::runtime_error("simt: cannot map a fiber stack");
+    g_stacks.push_back(static_cast<uint8_t*>(p));
+  }
+  return g_stacks[i];
+}
+
+#if defined(__x86_64__)
+// Saves the callee-saved registers and the stack pointer of the running context in *from, resumes `to`.
+extern "C" void simt_switch_context(void** from, void* to);
+asm(R"(
+.text
+.globl simt_switch_context
+.hidden simt_switch_context
+.type simt_switch_context,@function
+simt_switch_context:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size simt_switch_context, .-simt_switch_context
+)");
+#endif
+
+void to_scheduler() {
+  Fiber* f = g_launch.running;
+#if defined(__x86_64__)
+  simt_switch_context(&f->sp, g_launch.scheduler_sp);
+#else
+  swapcontext(&f->context, &g_launch.scheduler);
+#endif
+}
+
+void run_fiber(Fiber* f) {
+  g_launch.running = f;
+#if defined(__x86_64__)
+  simt_switch_context(&g_launch.scheduler_sp, f->sp);
+#else
+  swapcontext(&g_launch.scheduler, &f->context);
+#endif
+  g_launch.running = nullptr;
+}
+
+[[noreturn]] void fiber_main() {
+  (*g_launch.body)();
+  g_launch.running->state = State::kExited;
+  to_scheduler();
+  __builtin_unreachable();  // an exited fiber is never resumed
+}
+
+void start_fiber(Fiber* f, uint8_t* stack) {
+  f->stack = stack;
+#if defined(__x86_64__)
+  // The frame simt_switch_context pops: six registers, then fiber_main as the return address, placed so that
+  // fiber_main starts with the stack aligned as after a call.
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + kStackBytes) & ~uintptr_t(15);
+  void** frame = reinterpret_cast<void**>(top - 16);
+  frame[0] = reinterpret_cast<void*>(&fiber_main);
+  for (int i = 1; i <= 6; ++i) frame[-i] = nullptr;
+  f->sp = frame - 6;
+#else
+  getcontext(&f->context);
+  f->context.uc_stack.ss_sp = stack;
+  f->context.uc_stack.ss_size = kStackBytes;
+  f->context.uc_link = nullptr;
+  makecontext(&f->context, reinterpret_cast<void (*)()>(&fiber_main), 0);
+#endif
+}
+
+std::string where(const Fiber& f) {
+  std::ostringstream s;
+  s << "thread " << f.id.thread_idx.x << " of block " << f.id.block_idx.x << " ";
+  switch (f.state) {
+    case State::kExited: s << "has returned"; break;
+    case State::kRunnable: s << "is running"; break;
+    case State::kAtBarrier: s << "waits at __syncthreads (" << f.file << ":" << f.line << ")"; break;
+    case State::kAtWarpOp: s << "waits at a warp collective (" << f.file << ":" << f.line << ")"; break;
+  }
+  return s.str();
+}
+
+void fail(const std::string& what) {
+  if (g_launch.error.empty()) g_launch.error = what;
+}
+
+// Completes warp collectives every lane has reached. A warp is stuck when some lanes wait at a collective and
+// the others cannot join it (returned, or at a barrier); that is reported once nothing else can run.
+void complete_warp_ops() {
+  const int n = int(g_launch.fibers.size());
+  for (int base = 0; base < n; base += kWarpSize) {
+    Fiber* lanes = &g_launch.fibers[base];
+    bool all = true;
+    for (int l = 0; l < kWarpSize && all; ++l) all = lanes[l].state == State::kAtWarpOp;
+    if (!all) continue;
+    const Fiber& first = lanes[0];
+    for (int l = 1; l < kWarpSize; ++l) {
+      const Fiber& f = lanes[l];
+      if (f.line != first.line || std::strcmp(f.file, first.file) != 0 || f.op != first.op || f.mask != first.mask ||
+          f.width != first.width) {
+        fail("divergent warp collective: " + where(first) + ", " + where(f));
+        return;
+      }
+    }
+    if (first.mask != 0xffffffffu) {
+      fail("warp collective with mask other than 0xffffffff (not modelled): " + where(first));
+      return;
+    }
+    const int width = first.width;
+    if (width <= 0 || width > kWarpSize || (width & (width - 1)) != 0) {
+      fail("warp collective width must be a power of two <= 32: " + where(first));
+      return;
+    }
+    uint64_t ballot = 0;
+    for (int l = 0; l < kWarpSize; ++l) ballot |= (lanes[l].value != 0 ? 1ull : 0ull) << l;
+    for (int l = 0; l < kWarpSize; ++l) {
+      Fiber& f = lanes[l];
+      const int segment = l & ~(width - 1);
+      switch (f.op) {
+        case WarpOp::kShuffle: {
+          const int src = segment + (((f.arg % width) + width) % width);
+          f.result = lanes[src].value;
+          break;
+        }
+        case WarpOp::kShuffleXor: {
+          const int src = l ^ f.arg;
+          f.result = (src >= segment && src < segment + width) ? lanes[src].value : f.value;
+          break;
+        }
+        case WarpOp::kBallot: f.result = ballot; break;
+        case WarpOp::kSync: f.result = 0; break;
+      }
+    }
+    for (int l = 0; l < kWarpSize; ++l) lanes[l].state = State::kRunnable;
+  }
+}
+
+// Completes the block barrier when every thread is at it (the same one).
+void complete_barrier() {
+  const Fiber* first = nullptr;
+  for (const Fiber& f : g_launch.fibers) {
+    if (f.state != State::kAtBarrier) {
+      if (f.state == State::kExited) continue;
+      return;  // someone is still running or at a warp collective
+    }
+    if (first == nullptr) first = &f;
+  }
+  if (first == nullptr) return;
+  uint64_t all = 1;
+  for (const Fiber& f : g_launch.fibers) {
+    if (f.state == State::kExited) {
+      fail("__syncthreads reached after threads returned: " + where(*first) + ", " + where(f));
+      return;
+    }
+    if (f.line != first->line || std::strcmp(f.file, first->file) != 0) {
+      fail("divergent __syncthreads: " + where(*first) + ", " + where(f));
+      return;
+    }
+    all &= f.value != 0 ? 1 : 0;
+  }
+  for (Fiber& f : g_launch.fibers) {
+    f.result = all;
+    f.state = State::kRunnable;
+  }
+}
+
+// The first warp some of whose lanes wait at a warp collective (else warp 0), its lanes grouped by what they
+// do, e.g. "warp 0 of block 0: lanes 0-15 wait at a warp collective (low_latency.cu:150); lanes 16-31 have
+// returned".
+std::string stuck_warp() {
+  const int n = int(g_launch.fibers.size());
+  int base = 0;
+  for (int b = 0; b < n; b += kWarpSize) {
+    bool waiting = false;
+    for (int l = 0; l < kWarpSize; ++l) waiting |= g_launch.fibers[b + l].state == State::kAtWarpOp;
+    if (waiting) {
+      base = b;
+      break;
+    }
+  }
+  std::string out = "warp " + std::to_string(base / kWarpSize) + " of block " +
+                    std::to_string(g_launch.fibers[base].id.block_idx.x) + ":";
+  auto what = [](const Fiber& f) {
+    switch (f.state) {
+      case State::kExited: return std::string("have returned");
+      case State::kRunnable: return std::string("are running");
+      case State::kAtBarrier: return "wait at __syncthreads (" + std::string(f.file) + ":" + std::to_string(f.line) + ")";
+      case State::kAtWarpOp: break;
+    }
+    return "wait at a warp collective (" + std::string(f.file) + ":" + std::to_string(f.line) + ")";
+  };
+  for (int l = 0; l < kWarpSize;) {
+    const std::string w = what(g_launch.fibers[base + l]);
+    int end = l + 1;
+    while (end < kWarpSize && what(g_launch.fibers[base + end]) == w) ++end;
+    out += (l == 0 ? " lanes " : "; lanes ") + std::to_string(l) + "-" + std::to_string(end - 1) + " " + w;
+    l = end;
+  }
+  return out;
+}
+
+std::vector<int> pass_order(int n) {
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) order[i] = i;
+  if (g_order == Order::kReverse) std::reverse(order.begin(), order.end());
+  if (g_order == Order::kShuffled) std::shuffle(order.begin(), order.end(), g_rng);
+  return order;
+}
+
+void run_block(uint3 block_idx) {
+  const int n = int(g_launch.block.x * g_launch.block.y * g_launch.block.z);
+  g_launch.fibers.assign(n, Fiber{});
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = g_launch.fibers[i];
+    f.id.thread_idx = make_uint3(i % g_launch.block.x, (i / g_launch.block.x) % g_launch.block.y,
+                                 i / (g_launch.block.x * g_launch.block.y));
+    f.id.block_idx = block_idx;
+    start_fiber(&f, stack_for(i));
+  }
+  std::fill(g_launch.smem.begin(), g_launch.smem.end(), uint8_t(0xA5));
+  while (g_launch.error.empty()) {
+    bool ran = false, only_spins = true;
+    for (int i : pass_order(n)) {
+      Fiber& f = g_launch.fibers[i];
+      if (f.state != State::kRunnable) continue;
+      f.spun = false;
+      run_fiber(&f);
+      ran = true;
+      only_spins &= f.spun;
+      if (!g_launch.error.empty()) return;
+    }
+    complete_warp_ops();
+    complete_barrier();
+    if (!g_launch.error.empty()) return;
+    bool any_runnable = false, all_exited = true;
+    for (const Fiber& f : g_launch.fibers) {
+      any_runnable |= f.state == State::kRunnable;
+      all_exited &= f.state == State::kExited;
+    }
+    if (all_exited) return;
+    if (!any_runnable) {
+      fail("deadlock in a block (threads wait at collectives they cannot complete): " + stuck_warp());
+      return;
+    }
+    if (ran && only_spins) sched_yield();  // every thread polls memory another process writes: let it run
+  }
+}
+
+}  // namespace
+
+const ThreadId& current() {
+  if (g_launch.running == nullptr) throw std::logic_error("simt: a device function ran outside a launch");
+  return g_launch.running->id;
+}
+const dim3& block_dim() { return g_launch.block; }
+const dim3& grid_dim() { return g_launch.grid; }
+
+void configure(Order order, uint64_t seed) {
+  g_order = order;
+  g_rng.seed(seed);
+}
+
+uint64_t launches_completed() { return g_launches_completed; }
+
+std::string launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
+  if (g_launch.body != nullptr) return "simt: a launch inside a launch";
+  const size_t threads = size_t(block.x) * block.y * block.z;
+  if (threads == 0 || threads > 1024 || threads % kWarpSize != 0)
+    return "simt: blocks of " + std::to_string(threads) + " threads (need a multiple of 32, at most 1024)";
+  if (grid.x == 0 || grid.y != 1 || grid.z != 1) return "simt: grids must be one-dimensional and non-empty";
+  g_launch.grid = grid;
+  g_launch.block = block;
+  g_launch.body = &body;
+  g_launch.smem.assign(smem_bytes, 0);
+  g_launch.error.clear();
+  for (int b : pass_order(int(grid.x))) {
+    run_block(make_uint3(b, 0, 0));
+    if (!g_launch.error.empty()) break;
+  }
+  g_launch.body = nullptr;
+  g_launch.fibers.clear();
+  ++g_launches_completed;
+  return g_launch.error;
+}
+
+void barrier(const char* file, int line) { barrier_and(1, file, line); }
+
+int barrier_and(int predicate, const char* file, int line) {
+  Fiber* f = g_launch.running;
+  f->state = State::kAtBarrier;
+  f->file = file;
+  f->line = line;
+  f->value = predicate != 0;
+  to_scheduler();
+  return int(f->result);
+}
+
+uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line) {
+  Fiber* f = g_launch.running;
+  f->state = State::kAtWarpOp;
+  f->op = op;
+  f->mask = mask;
+  f->value = value;
+  f->arg = arg;
+  f->width = width;
+  f->file = file;
+  f->line = line;
+  to_scheduler();
+  return f->result;
+}
+
+void spin_point() {
+  Fiber* f = g_launch.running;
+  if (f == nullptr) return;
+  f->spun = true;
+  to_scheduler();
+}
+
+void* dynamic_shared() { return g_launch.smem.data(); }
+
+}  // namespace simt
