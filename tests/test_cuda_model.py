@@ -13,6 +13,7 @@ not built, and where a CUDA device is usable (tests/gpu runs the real kernels th
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -46,16 +47,27 @@ class ModelPool:
         return self.ranks.run(checks.on_model, self.config, fn, *args, timeout_s=timeout_s, **kwargs)
 
 
-KERNELS = os.environ.get("MOE_COMM_MODEL_KERNELS", "python")
-ORDER = os.environ.get("MOE_COMM_MODEL_ORDER", "forward")
+# The pools: the kernel transcriptions at every world size, then the CUDA source itself on CPU fibers
+# (tests/cuda_model/simt.py) at every world size, its block and thread orders varied, since a missing barrier
+# gives wrong results in some orders only.
+POOLS = [("python", "forward", n) for n in WORLD_SIZES] + [
+    ("simt", order, n) for n, order in zip(WORLD_SIZES, ("shuffled", "forward", "reverse", "forward"), strict=True)]
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=[f"ranks{n}" for n in WORLD_SIZES])
+def _pool_id(pool: tuple[str, str, int]) -> str:
+    kernels, order, world = pool
+    return f"ranks{world}" if kernels == "python" else f"simt-{order}-ranks{world}"
+
+
+@pytest.fixture(scope="module", params=POOLS, ids=[_pool_id(p) for p in POOLS])
 def pool(request: pytest.FixtureRequest) -> Iterator[ModelPool]:
+    kernels, order, world = request.param
+    if kernels == "simt" and importlib.util.find_spec("moe_comm._C_simt") is None:
+        pytest.skip("moe_comm._C_simt is not built")
     memory_dir = tempfile.mkdtemp(prefix="moe_comm_model_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
-        with RankPool(request.param, default_timeout_s=120.0) as ranks:
-            yield ModelPool(ranks, install.ModelConfig(memory_dir, kernels=KERNELS, order=ORDER))
+        with RankPool(world, default_timeout_s=120.0) as ranks:
+            yield ModelPool(ranks, install.ModelConfig(memory_dir, kernels=kernels, order=order))
     finally:
         shutil.rmtree(memory_dir, ignore_errors=True)
 

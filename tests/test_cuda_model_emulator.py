@@ -14,6 +14,7 @@ where a CUDA device is usable (tests/gpu runs the real thing there).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -45,12 +46,15 @@ class HostModel:
         return self.ranks.run(emulator_checks.on_host_model, self.config, fn, *args, **kwargs)[0]
 
 
-@pytest.fixture(scope="module")
-def model() -> Iterator[HostModel]:
+# The kernel transcriptions, then the CUDA source itself on CPU fibers (tests/cuda_model/simt.py).
+@pytest.fixture(scope="module", params=["python", "simt"], ids=["model", "simt"])
+def model(request: pytest.FixtureRequest) -> Iterator[HostModel]:
+    if request.param == "simt" and importlib.util.find_spec("moe_comm._C_simt") is None:
+        pytest.skip("moe_comm._C_simt is not built")
     memory_dir = tempfile.mkdtemp(prefix="moe_comm_model_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
         with RankPool(1, default_timeout_s=120.0) as ranks:
-            yield HostModel(ranks, install.ModelConfig(memory_dir))
+            yield HostModel(ranks, install.ModelConfig(memory_dir, kernels=request.param, order="shuffled"))
     finally:
         shutil.rmtree(memory_dir, ignore_errors=True)
 

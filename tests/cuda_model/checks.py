@@ -308,7 +308,9 @@ def check_missing_sender_times_out(case: Case, timeout_s: float = 1.0) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     missing = world - 1
     x, idx, w = make_inputs(case, rank, world)
-    buf = Buffer(backend=MODEL_BACKEND, timeout_s=timeout_s)  # left undestroyed: its buffers are inconsistent now
+    # Left undestroyed: its buffers are inconsistent now. Two blocks, since on the simt kernels a launch runs its
+    # blocks one after another and each waits out the timeout.
+    buf = Buffer(backend=MODEL_BACKEND, timeout_s=timeout_s, num_sms=2)
     skip_send = launcher_replaced("dispatch_send", lambda send: lambda *args: None) if rank == missing else contextlib.nullcontext()
     with skip_send:
         try:
