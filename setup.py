@@ -6,6 +6,7 @@ Environment:
     MOE_COMM_CUDA_ARCHS: semicolon/comma separated SM versions (default "90" -> sm_90).
     MAX_JOBS: at most this many nvcc processes at once (default: one per core).
     MOE_COMM_SKIP_CUDA=1: skip the extension even when nvcc exists (and tolerate a failing build).
+    MOE_COMM_SKIP_SIMT=1: build moe_comm._C but not moe_comm._C_simt (whose tests then skip).
     CUDA_HOME / CUDA_PATH: where CUDA lives (else found from nvcc on PATH).
 A present nvcc whose compilation fails FAILS the install, so broken CUDA code is caught in CI.
 The CUDA runtime is linked statically, so importing on a CPU-only machine works. torch is not needed here.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -130,7 +132,8 @@ class NvccBuildExt(build_ext):
             raise SystemExit("moe_comm: no host C++ compiler for moe_comm._C_simt (set CXX)")
         # -fno-strict-aliasing: the kernels reinterpret 16-byte vectors as rows, which nvcc allows.
         # -mfma -ffp-contract=fast: contract a * b + c into an FMA where the host compiler sees one, as nvcc does.
-        flags = ["-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-mfma",
+        fma = ["-mfma"] if platform.machine() in ("x86_64", "AMD64") else []  # FMA is baseline on arm64
+        flags = ["-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", *fma,
                  "-ffp-contract=fast", "-Wno-unknown-pragmas", "-DMOE_COMM_SIMT",
                  f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC / 'include'}",
                  *cuda_includes]
@@ -159,9 +162,10 @@ def _extensions() -> tuple[list[Extension], dict]:
         return [], {}
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*") if p.suffix in (".cu", ".cpp"))
     simt = str((CSRC / "simt").relative_to(ROOT))
-    device = [src for src in sources if not src.startswith(simt)]
-    return ([Extension("moe_comm._C", sources=device), Extension("moe_comm._C_simt", sources=sources)],
-            {"build_ext": NvccBuildExt})
+    extensions = [Extension("moe_comm._C", sources=[src for src in sources if not src.startswith(simt)])]
+    if os.environ.get("MOE_COMM_SKIP_SIMT") != "1":
+        extensions.append(Extension("moe_comm._C_simt", sources=sources))
+    return extensions, {"build_ext": NvccBuildExt}
 
 
 ext_modules, cmdclass = _extensions()

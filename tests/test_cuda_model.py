@@ -1,14 +1,15 @@
-"""The ``cuda`` backend's host code on CPU ranks, against a Python model of its kernels (tests/cuda_model).
+"""The ``cuda`` backend's host code on CPU ranks, against a model of its kernels (tests/cuda_model).
 
 Each rank is a process of a RankPool (gloo); the model is installed inside the rank processes only, never
 in this one. The real host code (Buffer, CudaBackend, SymmetricBuffer, the launch wrappers) runs unchanged
-against sequential transcriptions of the kernels, over symmetric buffers shared between the rank processes,
-and every launcher's arguments pass through the real extension's checks. Checked here: the conformance
-suite (tests/conformance.py) with ``backend="cudasim"``, bitwise agreement with the ``torch`` backend, the
-stream ordering of every synchronous operation, the wrap of the finished-block counters, and that planted
-faults fail the checks. Not checked (no CUDA code runs): memory ordering, concurrency, performance, and the
-kernels' compiled arithmetic; scripts/gpu_check.sh covers those on a GPU. Skipped when ``moe_comm._C`` was
-not built, and where a CUDA device is usable (tests/gpu runs the real kernels there).
+over symmetric buffers shared between the rank processes, first against sequential Python transcriptions of
+the kernels, then against the CUDA source itself, compiled for the host and run with a fiber per CUDA thread
+(``moe_comm._C_simt``, docs/kernels.md), in forward, reverse or shuffled block and thread order. Checked here:
+the conformance suite (tests/conformance.py) with ``backend="cudasim"``, bitwise agreement with the ``torch``
+backend, the stream ordering of every synchronous operation, the wrap of the finished-block counters, and that
+planted faults fail the checks. Not checked: a GPU's memory ordering, concurrency between blocks and GPUs,
+and performance; scripts/gpu_check.sh covers those on a GPU. Skipped when ``moe_comm._C`` was not built, and
+where a CUDA device is usable (tests/gpu runs the real kernels there).
 """
 
 from __future__ import annotations

@@ -79,6 +79,15 @@ PYBIND11_MODULE(MOE_COMM_MODULE, m) {
         },
         py::arg("order"), py::arg("seed"), "Block and thread order of later launches: 0 forward, 1 reverse, 2 shuffled.");
   m.def("simt_launches", &simt::launches_completed, "Kernel launches completed in this process.");
+  m.def(
+      "simt_selftest",
+      [](const std::string& name, int blocks, int threads) {
+        std::vector<long long> out;
+        std::string error = simt::selftest(name, blocks, threads, &out);
+        return py::make_tuple(error, out);
+      },
+      py::arg("name"), py::arg("blocks"), py::arg("threads"),
+      "Runs a kernel of csrc/simt/selftest.cpp: (launch error or '', its output values).");
 #endif
   py::register_exception<Error>(m, "MoeCommError", PyExc_RuntimeError);
   m.def("compiled_architectures", []() { return std::string(MOE_COMM_ARCHS); });

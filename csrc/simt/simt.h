@@ -32,6 +32,7 @@
 #include <cstring>
 #include <functional>
 #include <string>
+#include <vector>
 
 // The CUDA qualifiers, for the host compiler: every function is a host function, __shared__ a function static.
 #undef __global__
@@ -67,6 +68,10 @@ void configure(Order order, uint64_t seed);
 std::string launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
 // Launches completed since the process started (the tests' stream bookkeeping counts them).
 uint64_t launches_completed();
+
+// Runs the selftest kernel `name` (csrc/simt/selftest.cpp) as `blocks` x `threads`; fills *out, returns launch's
+// error (empty when none).
+std::string selftest(const std::string& name, int blocks, int threads, std::vector<long long>* out);
 
 // For the device primitives below.
 void barrier(const char* file, int line);

@@ -1,14 +1,16 @@
-"""A Python MODEL of the CUDA kernels of ``moe_comm._C``, for testing the ``cuda`` backend's host code on CPUs.
+"""A MODEL of the GPU under ``moe_comm._C``, for testing the ``cuda`` backend on CPUs.
 
 The real host code (``moe_comm/backends/cuda.py``, ``cuda_intranode.py``, ``cuda_memory.py``, the Buffer front
-end) runs unchanged against sequential Python transcriptions of the kernels in ``csrc/kernels/``, one process
-per rank, with the symmetric buffers shared between the processes. This exercises the arguments the host
-passes, the buffer sizing, the protocol (records, positions, flags, counts, epochs, the finished-block
-counter, error records) and the stream ordering on every CI run. It does NOT test the CUDA code itself:
-memory ordering, concurrency between blocks and GPUs, performance and the kernels' compiled arithmetic need
-a GPU (``scripts/gpu_check.sh``).
+end) runs unchanged, one process per rank, with the symmetric buffers shared between the processes, against
+one of two sets of kernels: sequential Python transcriptions of the kernels in ``csrc/kernels/``, or the CUDA
+source itself compiled for the host and run with a fiber per CUDA thread (``moe_comm._C_simt``, csrc/simt).
+This exercises the arguments the host passes, the buffer sizing, the protocol (records, positions, flags,
+counts, epochs, the finished-block counter, error records), the stream ordering and, on the simt kernels, the
+kernels' own indexing, arithmetic and warp and block collectives on every CI run. Memory ordering on a GPU,
+concurrency between blocks and GPUs, and performance need a GPU (``scripts/gpu_check.sh``).
 
 * :mod:`tests.cuda_model.kernels`: the kernel transcriptions and the model's "device memory" and IPC.
+* :mod:`tests.cuda_model.simt`: ``moe_comm._C_simt``'s launchers in place of the transcriptions.
 * :mod:`tests.cuda_model.streams`: fake CUDA streams and events that record what each stream waited for.
 * :mod:`tests.cuda_model.install`: puts both in place in a rank process and registers backend ``"cudasim"``.
 * :mod:`tests.cuda_model.checks`: rank bodies run by ``tests/test_cuda_model.py``.

@@ -1,0 +1,116 @@
+// Small kernels that pin down what the simt runtime does (tests/test_simt.py): the values of warp collectives,
+// block barriers, the order of blocks, and the errors for code that is undefined on a GPU.
+#include <map>
+
+#include "simt.h"
+
+namespace simt {
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+
+int lane_id() { return int(threadIdx.x % 32); }
+int thread_id() { return int(blockIdx.x * blockDim.x + threadIdx.x); }
+
+// out[4 t .. 4 t + 3] for thread t: shuffle from lane + 3, xor-shuffle with 5, width-8 shuffle from lane 2 of the
+// segment, ballot of lane % 3 == 0.
+__global__ void collectives(long long* out) {
+  const int lane = lane_id(), t = thread_id();
+  const int v = 1000 * int(threadIdx.x / 32) + lane;
+  out[4 * t] = __shfl_sync(kFull, v, (lane + 3) % 32);
+  out[4 * t + 1] = __shfl_xor_sync(kFull, v, 5);
+  out[4 * t + 2] = __shfl_sync(kFull, v, 2, 8);
+  out[4 * t + 3] = __ballot_sync(kFull, lane % 3 == 0);
+}
+
+// out[t]: __syncthreads_and over "thread != 5" (0), then over "true" (1), packed as 10 * first + second.
+__global__ void barrier_and(long long* out) {
+  const int first = __syncthreads_and(threadIdx.x != 5);
+  const int second = __syncthreads_and(1);
+  out[thread_id()] = 10 * first + second;
+}
+
+// Thread 0 writes a shared value after an acquire load (where a fiber gives way); with the barrier every thread
+// reads it, without it the others may run first. out[t] = what thread t read.
+template <bool kBarrier>
+__global__ void shared_write_then_read(long long* out) {
+  __shared__ int s_value;
+  if (threadIdx.x == 0) s_value = -1;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    static int flag = 1;
+    (void)__atomic_load_n(&flag, __ATOMIC_ACQUIRE);
+    spin_point();
+    s_value = 42 + int(blockIdx.x);
+  }
+  if (kBarrier) __syncthreads();
+  out[thread_id()] = s_value;
+}
+
+// out[i] = the block that ran i-th.
+__global__ void block_order(long long* out, int* counter) {
+  if (threadIdx.x == 0) out[atomicAdd(counter, 1)] = blockIdx.x;
+}
+
+// out[t] = the first int of dynamic shared memory, before anything wrote it.
+__global__ void dynamic_shared_uninitialised(long long* out) {
+  const int* smem = static_cast<const int*>(dynamic_shared());
+  out[thread_id()] = smem[0];
+}
+
+// Undefined on a GPU: the lanes of a warp at different collectives, a lane gone while the rest shuffle, a barrier
+// that some threads reach at another line or never.
+__global__ void divergent_shuffle(long long* out) {
+  int v = lane_id();
+  if (lane_id() < 16) v = __shfl_sync(kFull, v, 0);
+  out[thread_id()] = __shfl_sync(kFull, v, 1);
+}
+__global__ void shuffle_after_lanes_returned(long long* out) {
+  if (lane_id() >= 16) return;
+  out[thread_id()] = __shfl_sync(kFull, lane_id(), 0);
+}
+__global__ void divergent_barrier(long long* out) {
+  if (threadIdx.x < 32)
+    __syncthreads();
+  else
+    __syncthreads();
+  out[thread_id()] = 0;
+}
+__global__ void barrier_after_return(long long* out) {
+  if (threadIdx.x == 0) return;
+  __syncthreads();
+  out[thread_id()] = 0;
+}
+__global__ void partial_mask(long long* out) { out[thread_id()] = __shfl_sync(0x0000ffffu, lane_id(), 0); }
+
+}  // namespace
+
+std::string selftest(const std::string& name, int blocks, int threads, std::vector<long long>* out) {
+  using Kernel = void (*)(long long*);
+  static const std::map<std::string, Kernel> kernels = {
+      {"collectives", collectives},
+      {"barrier_and", barrier_and},
+      {"shared_with_barrier", shared_write_then_read<true>},
+      {"shared_without_barrier", shared_write_then_read<false>},
+      {"dynamic_shared_uninitialised", dynamic_shared_uninitialised},
+      {"divergent_shuffle", divergent_shuffle},
+      {"shuffle_after_lanes_returned", shuffle_after_lanes_returned},
+      {"divergent_barrier", divergent_barrier},
+      {"barrier_after_return", barrier_after_return},
+      {"partial_mask", partial_mask},
+  };
+  const size_t n = size_t(blocks) * size_t(threads);
+  out->assign(std::max<size_t>(n * 4, 1), -7);
+  if (name == "block_order") {
+    int counter = 0;
+    long long* data = out->data();
+    return launch(dim3(blocks), dim3(threads), 0, [&] { block_order(data, &counter); });
+  }
+  const auto it = kernels.find(name);
+  if (it == kernels.end()) return "no selftest kernel named " + name;
+  const Kernel kernel = it->second;
+  long long* data = out->data();
+  return launch(dim3(blocks), dim3(threads), 16, [&] { kernel(data); });
+}
+
+}  // namespace simt

@@ -1,0 +1,95 @@
+"""csrc/simt, the runtime that runs the CUDA kernels on CPU fibers (``moe_comm._C_simt``), on its selftest kernels
+(csrc/simt/selftest.cpp): warp collectives and barriers give a GPU's values, blocks run in the configured order,
+and code that is undefined on a GPU (divergent collectives or barriers, a missing barrier) fails or shows.
+tests/test_cuda_model.py runs the repository's kernels on it."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+
+import pytest
+
+if importlib.util.find_spec("moe_comm._C_simt") is None:
+    pytest.skip("moe_comm._C_simt is not built (setup.py builds it with moe_comm._C)", allow_module_level=True)
+
+from moe_comm import _C_simt as simt  # noqa: E402
+from tests.cuda_model.simt import ORDERS  # noqa: E402
+
+BLOCKS, THREADS = 3, 64
+
+
+@pytest.fixture(params=sorted(ORDERS), autouse=True)
+def order(request: pytest.FixtureRequest) -> Iterator[str]:
+    simt.simt_configure(ORDERS[request.param], 5)
+    yield request.param
+    simt.simt_configure(ORDERS["forward"], 0)
+
+
+def run(name: str, blocks: int = BLOCKS, threads: int = THREADS) -> list[int]:
+    error, out = simt.simt_selftest(name, blocks, threads)
+    assert error == "", error
+    return out
+
+
+def fails(name: str) -> str:
+    error, _ = simt.simt_selftest(name, BLOCKS, THREADS)
+    assert error, f"{name}: the launch succeeded"
+    return error
+
+
+def test_warp_collectives_give_the_gpu_values():
+    out = run("collectives")
+    for t in range(BLOCKS * THREADS):
+        lane, base = t % 32, 1000 * ((t % THREADS) // 32)  # lane src of this warp holds base + src
+        assert out[4 * t] == base + (lane + 3) % 32, t
+        assert out[4 * t + 1] == base + (lane ^ 5), t
+        assert out[4 * t + 2] == base + (lane & ~7) + 2, t
+        assert out[4 * t + 3] == sum(1 << i for i in range(0, 32, 3)), t
+
+
+def test_syncthreads_and_reduces_over_the_block():
+    assert run("barrier_and")[: BLOCKS * THREADS] == [1] * (BLOCKS * THREADS)  # 10 * (thread 5 said no) + 1
+
+
+def test_shared_memory_is_per_block_and_ordered_by_barriers():
+    out = run("shared_with_barrier")
+    assert out[: BLOCKS * THREADS] == [42 + t // THREADS for t in range(BLOCKS * THREADS)]
+
+
+def test_missing_barrier_gives_stale_reads():
+    out = run("shared_without_barrier")
+    assert -1 in out[: BLOCKS * THREADS], "every thread saw thread 0's write without a barrier"
+
+
+def test_blocks_run_in_the_configured_order(order):
+    out = run("block_order", blocks=6, threads=32)[:6]
+    assert sorted(out) == list(range(6))
+    if order == "forward":
+        assert out == list(range(6))
+    elif order == "reverse":
+        assert out == list(range(5, -1, -1))
+
+
+def test_dynamic_shared_memory_starts_as_garbage():
+    assert set(run("dynamic_shared_uninitialised")[: BLOCKS * THREADS]) == {int.from_bytes(b"\xa5" * 4, "little", signed=True)}
+
+
+@pytest.mark.parametrize("name,message", [
+    ("divergent_shuffle", "divergent warp collective"),
+    ("shuffle_after_lanes_returned", "lanes 16-31 have returned"),
+    ("divergent_barrier", "divergent __syncthreads"),
+    ("barrier_after_return", "__syncthreads reached after threads returned"),
+    ("partial_mask", "mask other than 0xffffffff"),
+])
+def test_undefined_behaviour_fails_the_launch_naming_the_line(name, message):
+    error = fails(name)
+    assert message in error and "selftest.cpp:" in error, error
+
+
+def test_bad_arguments_are_named():
+    assert "no selftest kernel named nope" in fails("nope")
+    error, _ = simt.simt_selftest("collectives", 1, 48)
+    assert "multiple of 32" in error, error
+    with pytest.raises(RuntimeError, match="order"):
+        simt.simt_configure(3, 0)
