@@ -71,8 +71,9 @@ def test_blocks_run_in_the_configured_order(order):
         assert out == list(range(5, -1, -1))
 
 
-def test_dynamic_shared_memory_starts_as_garbage():
-    assert set(run("dynamic_shared_uninitialised")[: BLOCKS * THREADS]) == {int.from_bytes(b"\xa5" * 4, "little", signed=True)}
+def test_shared_memory_starts_as_garbage_in_every_block():
+    garbage = int.from_bytes(b"\xa5" * 4, "little", signed=True)
+    assert set(run("shared_uninitialised")[: 2 * BLOCKS * THREADS]) == {garbage}
 
 
 @pytest.mark.parametrize("name,message", [

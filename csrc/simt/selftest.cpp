@@ -52,10 +52,15 @@ __global__ void block_order(long long* out, int* counter) {
   if (threadIdx.x == 0) out[atomicAdd(counter, 1)] = blockIdx.x;
 }
 
-// out[t] = the first int of dynamic shared memory, before anything wrote it.
-__global__ void dynamic_shared_uninitialised(long long* out) {
+// out[t] = the first int of dynamic shared memory, then of a __shared__ array, before anything wrote them (the
+// array is written at the end, so a later block would read that if blocks shared it).
+__global__ void shared_uninitialised(long long* out) {
+  __shared__ int s_array[4];
   const int* smem = static_cast<const int*>(dynamic_shared());
-  out[thread_id()] = smem[0];
+  out[2 * thread_id()] = smem[0];
+  out[2 * thread_id() + 1] = s_array[0];
+  __syncthreads();
+  s_array[0] = 7;
 }
 
 // Undefined on a GPU: the lanes of a warp at different collectives, a lane gone while the rest shuffle, a barrier
@@ -92,7 +97,7 @@ std::string selftest(const std::string& name, int blocks, int threads, std::vect
       {"barrier_and", barrier_and},
       {"shared_with_barrier", shared_write_then_read<true>},
       {"shared_without_barrier", shared_write_then_read<false>},
-      {"dynamic_shared_uninitialised", dynamic_shared_uninitialised},
+      {"shared_uninitialised", shared_uninitialised},
       {"divergent_shuffle", divergent_shuffle},
       {"shuffle_after_lanes_returned", shuffle_after_lanes_returned},
       {"divergent_barrier", divergent_barrier},

@@ -56,6 +56,10 @@ struct Launch {
 #endif
 };
 
+// The linker's bounds of section "simt_shared", where simt.h puts every __shared__ variable.
+extern "C" __attribute__((visibility("hidden"))) uint8_t __start_simt_shared[];
+extern "C" __attribute__((visibility("hidden"))) uint8_t __stop_simt_shared[];
+
 Launch g_launch;
 Order g_order = Order::kForward;
 std::mt19937_64 g_rng(0);
@@ -294,6 +298,7 @@ void run_block(uint3 block_idx) {
     start_fiber(&f, stack_for(i));
   }
   std::fill(g_launch.smem.begin(), g_launch.smem.end(), uint8_t(0xA5));
+  std::fill(__start_simt_shared, __stop_simt_shared, uint8_t(0xA5));
   while (g_launch.error.empty()) {
     bool ran = false, only_spins = true;
     for (int i : pass_order(n)) {

@@ -12,8 +12,9 @@
 //     lanes are at the same collective with the same full mask; anything else (a lane at another collective or
 //     another line, a lane exited while the rest wait, a barrier after some threads returned) stops the launch
 //     with an error naming the lines, which is undefined behaviour on a GPU;
-//   * __shared__ variables are function statics (one block runs at a time); dynamic shared memory is filled with
-//     0xA5 before each block, so reading it uninitialised gives garbage as on a GPU.
+//   * __shared__ variables are function statics (one block runs at a time) in section "simt_shared"; it and the
+//     dynamic shared memory are filled with 0xA5 before each block, so reading either uninitialised gives
+//     garbage, as on a GPU, and never what an earlier block left.
 //
 // Memory between ranks (other processes) is shared host memory; ld_acquire_sys / st_release_sys are acquire and
 // release accesses of it, atomics are host atomics. The kernels' float arithmetic is the host's, FMA contraction
@@ -45,7 +46,8 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __shared__ static
+// Function statics in one section, so that each block can start with them filled with garbage (simt.cpp).
+#define __shared__ static __attribute__((section("simt_shared")))
 #define __launch_bounds__(...)
 
 namespace simt {
