@@ -116,6 +116,12 @@ def test_caller_stream_waits_for_every_launch(pool):
     pool.run(checks.check_stream_order, Case(routing="zipf", seed=17))
 
 
+def test_launch_grids_bounded_by_num_sms(pool):
+    if pool.config.kernels != "simt":
+        pytest.skip("the Python transcriptions have no grids")
+    pool.run(checks.check_grids_bounded_by_num_sms, Case(routing="zipf", seed=22))
+
+
 def test_previous_event_orders_the_computed_layout(pool):
     pool.run(checks.check_previous_event_orders_the_computed_layout, Case(seed=21))
 

@@ -80,6 +80,16 @@ PYBIND11_MODULE(MOE_COMM_MODULE, m) {
         py::arg("order"), py::arg("seed"), "Block and thread order of later launches: 0 forward, 1 reverse, 2 shuffled.");
   m.def("simt_launches", &simt::launches_completed, "Kernel launches completed in this process.");
   m.def(
+      "simt_launch_shapes",
+      [](size_t first) {
+        py::list shapes;
+        const auto& all = simt::launch_shapes();
+        for (size_t i = first; i < all.size(); ++i)
+          shapes.append(py::make_tuple(all[i].blocks, all[i].threads, all[i].smem_bytes));
+        return shapes;
+      },
+      py::arg("first") = 0, "(blocks, threads per block, dynamic shared bytes) of launches first, first + 1, ...");
+  m.def(
       "simt_selftest",
       [](const std::string& name, int blocks, int threads) {
         std::vector<long long> out;

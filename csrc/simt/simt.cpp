@@ -63,7 +63,7 @@ extern "C" __attribute__((visibility("hidden"))) uint8_t __stop_simt_shared[];
 Launch g_launch;
 Order g_order = Order::kForward;
 std::mt19937_64 g_rng(0);
-uint64_t g_launches_completed = 0;
+std::vector<LaunchShape> g_shapes;
 std::vector<uint8_t*> g_stacks;  // reused across launches
 
 uint8_t* stack_for(size_t i) {
@@ -341,7 +341,8 @@ void configure(Order order, uint64_t seed) {
   g_rng.seed(seed);
 }
 
-uint64_t launches_completed() { return g_launches_completed; }
+uint64_t launches_completed() { return g_shapes.size(); }
+const std::vector<LaunchShape>& launch_shapes() { return g_shapes; }
 
 std::string launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
   if (g_launch.body != nullptr) return "simt: a launch inside a launch";
@@ -360,7 +361,7 @@ std::string launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
   }
   g_launch.body = nullptr;
   g_launch.fibers.clear();
-  ++g_launches_completed;
+  g_shapes.push_back({grid.x, unsigned(threads), smem_bytes});
   return g_launch.error;
 }
 

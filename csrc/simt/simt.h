@@ -70,6 +70,12 @@ void configure(Order order, uint64_t seed);
 std::string launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body);
 // Launches completed since the process started (the tests' stream bookkeeping counts them).
 uint64_t launches_completed();
+// (blocks, threads per block, dynamic shared bytes) of every launch since the process started, in order.
+struct LaunchShape {
+  unsigned blocks, threads;
+  size_t smem_bytes;
+};
+const std::vector<LaunchShape>& launch_shapes();
 
 // Runs the selftest kernel `name` (csrc/simt/selftest.cpp) as `blocks` x `threads`; fills *out, returns launch's
 // error (empty when none).

@@ -28,6 +28,7 @@ from moe_comm.fp8 import per_token_cast_to_fp8
 from tests.conformance import Case, make_inputs
 from tests.cuda_model.install import MODEL_BACKEND, ModelConfig, install, launcher_replaced, stream_tracker
 from tests.cuda_model.kernels import LAUNCHERS, raw
+from tests.cuda_model.simt import simt_module
 from tests.graph_steps import make_step
 
 
@@ -218,6 +219,28 @@ def check_previous_event_orders_the_computed_layout(case: Case) -> None:
             early = [launch.kernel for launch in launched[launched.index(layout) + 1:]
                      if launch.ordered_after.get(layout.stream, 0) < layout.index]
             assert not early, f"rank {rank} worst={worst}: {early} may run before the layout they read"
+
+
+def check_grids_bounded_by_num_sms(case: Case) -> None:
+    """On the simt kernels (the CUDA launchers themselves): every kernel each kind of call launches has at most
+    ``num_sms`` blocks, so a call occupies at most ``num_sms`` SMs, for several ``num_sms``."""
+    simt = simt_module()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, idx, w = make_inputs(case, rank, world)
+    num_experts, max_tokens = case.experts_per_rank * world, case.tokens + 4
+    for num_sms in (1, 3, 8):
+        with Buffer(backend=MODEL_BACKEND, num_sms=num_sms) as buf:
+            first = simt.simt_launches()
+            res = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts)
+            buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts, num_worst_tokens=(case.tokens + 2) * world)
+            buf.dispatch(per_token_cast_to_fp8(x), handle=res.handle)
+            buf.combine(res.recv_x, res.handle, topk_weights=res.recv_topk_weights)
+            ll = buf.low_latency_dispatch(x, idx, max_tokens, num_experts, use_fp8=True)
+            buf.low_latency_combine(ll.recv_x[0].float().bfloat16(), idx, w, ll.handle)
+            shapes = simt.simt_launch_shapes(first)
+        assert len(shapes) >= 10, shapes
+        over = [s for s in shapes if s[0] > num_sms]
+        assert not over, f"rank {rank} num_sms={num_sms}: launches of (blocks, threads, smem) {over}"
 
 
 class _KeepAlive(TorchDispatchMode):
