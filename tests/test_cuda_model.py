@@ -112,6 +112,36 @@ def test_low_latency_matches_torch_backend(pool, use_fp8, hook):
 # protocol
 
 
+# Shapes at the edges of what the kernels accept, each on its own number of blocks: a row of one 16-byte vector,
+# rows that are not whole 512-byte warp sweeps (hidden 136 and 2880), DeepSeek-V3's 7168, top-k 1, 9 and 32.
+EDGE_SHAPES = {
+    "h8-k1-sms1": (dict(hidden=8, num_topk=1, experts_per_rank=1), 1),
+    "h136-k9-sms3": (dict(hidden=136, num_topk=9, experts_per_rank=5, routing="masked"), 3),
+    "h2880-k32-sms7": (dict(hidden=2880, num_topk=32, experts_per_rank=8, routing="zipf", tokens=20), 7),
+    "h7168-k8-sms2": (dict(hidden=7168, num_topk=8, experts_per_rank=4, tokens=6), 2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", sorted(EDGE_SHAPES))
+def test_edge_shapes_match_torch_backend(pool, shape, dtype):
+    fields, num_sms = EDGE_SHAPES[shape]
+    pool.run(checks.check_vs_torch, Case(seed=23, dtype=dtype, **fields), num_sms=num_sms)
+
+
+@pytest.mark.parametrize("shape", ["h144-k9-sms3", "h7168-k8-sms2"])
+def test_edge_shapes_fp8_match_torch_backend(pool, shape):
+    fields, num_sms = {"h144-k9-sms3": (dict(hidden=144, num_topk=9, experts_per_rank=5, routing="masked"), 3),
+                       "h7168-k8-sms2": EDGE_SHAPES["h7168-k8-sms2"]}[shape]
+    pool.run(checks.check_vs_torch, Case(seed=24, **fields), fp8=True, worst=True, num_sms=num_sms)
+
+
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+def test_low_latency_edge_shapes_match_torch_backend(pool, use_fp8):
+    case = Case(routing="zipf", seed=25, hidden=2880, num_topk=9, experts_per_rank=5, tokens=10)
+    pool.run(checks.check_low_latency_vs_torch, case, use_fp8, False, num_sms=3)
+
+
 def test_caller_stream_waits_for_every_launch(pool):
     pool.run(checks.check_stream_order, Case(routing="zipf", seed=17))
 

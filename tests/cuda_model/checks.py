@@ -55,17 +55,17 @@ def _assert_same(got: torch.Tensor | None, want: torch.Tensor | None, what: str)
 
 
 def check_vs_torch(case: Case, worst: bool = False, fp8: bool = False, bias: bool = True, weights: bool = True,
-                   alignment: int = 1, async_finish: bool = False) -> None:
+                   alignment: int = 1, async_finish: bool = False, num_sms: int = 20) -> None:
     """Dispatch, combine (with both biases or none), cached dispatch and a second combine: every output and the
-    handle of the ``cudasim`` backend equal the ``torch`` backend's bit for bit (worst-case mode: the valid
-    rows equal, the padding rows zero)."""
+    handle of the ``cudasim`` backend (its kernels on ``num_sms`` blocks) equal the ``torch`` backend's bit for
+    bit (worst-case mode: the valid rows equal, the padding rows zero)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     x, idx, w = make_inputs(case, rank, world)
     num_experts = case.experts_per_rank * world
     data = per_token_cast_to_fp8(x) if fp8 else x
     outputs: dict[str, dict[str, torch.Tensor | None]] = {}
     for backend in ("torch", MODEL_BACKEND):
-        with Buffer(backend=backend) as buf:
+        with Buffer(backend=backend, num_sms=num_sms) as buf:
             res = buf.dispatch(data, topk_idx=idx, topk_weights=w if weights else None, num_experts=num_experts,
                                expert_alignment=alignment, async_finish=async_finish,
                                num_worst_tokens=(case.tokens + 2) * world if worst else 0)
@@ -104,16 +104,16 @@ def check_vs_torch(case: Case, worst: bool = False, fp8: bool = False, bias: boo
         _assert_same(got, want, f"rank {rank} {key} ({case}, worst={worst}, fp8={fp8})")
 
 
-def check_low_latency_vs_torch(case: Case, use_fp8: bool, hook: bool) -> None:
-    """Two low-latency dispatch + weighted combine rounds: counts, layout ranges, sources and received rows equal
-    the ``torch`` backend's bitwise; the combined rows agree to bf16 rounding (the backends sum in different
-    orders)."""
+def check_low_latency_vs_torch(case: Case, use_fp8: bool, hook: bool, num_sms: int = 20) -> None:
+    """Two low-latency dispatch + weighted combine rounds (kernels on ``num_sms`` blocks): counts, layout ranges,
+    sources and received rows equal the ``torch`` backend's bitwise; the combined rows agree to bf16 rounding
+    (the backends sum in different orders)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     x, idx, w = make_inputs(case, rank, world)
     num_experts = case.experts_per_rank * world
     results: dict[str, dict[str, torch.Tensor | None]] = {}
     for backend in ("torch", MODEL_BACKEND):
-        with Buffer(backend=backend) as buf:
+        with Buffer(backend=backend, num_sms=num_sms) as buf:
             for _ in range(2):
                 res = buf.low_latency_dispatch(x.bfloat16(), idx, case.tokens + 4, num_experts, use_fp8=use_fp8, return_recv_hook=hook)
                 if hook:
