@@ -7,6 +7,7 @@ Environment:
     MAX_JOBS: at most this many nvcc processes at once (default: one per core).
     MOE_COMM_SKIP_CUDA=1: skip the extension even when nvcc exists (and tolerate a failing build).
     MOE_COMM_SKIP_SIMT=1: build moe_comm._C but not moe_comm._C_simt (whose tests then skip).
+    MOE_COMM_SIMT_SANITIZE=address: build moe_comm._C_simt with AddressSanitizer (scripts/simt_asan.sh).
     CUDA_HOME / CUDA_PATH: where CUDA lives (else found from nvcc on PATH).
 A present nvcc whose compilation fails FAILS the install, so broken CUDA code is caught in CI.
 The CUDA runtime is linked statically, so importing on a CPU-only machine works. torch is not needed here.
@@ -137,6 +138,9 @@ class NvccBuildExt(build_ext):
                  "-ffp-contract=fast", "-Wno-unknown-pragmas", "-DMOE_COMM_SIMT",
                  f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC / 'include'}",
                  *cuda_includes]
+        sanitize = os.environ.get("MOE_COMM_SIMT_SANITIZE", "")
+        if sanitize:
+            flags = [f if f != "-O2" else "-O1" for f in flags] + [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
         build_tmp = Path(self.build_temp) / "moe_comm_C_simt"
         build_tmp.mkdir(parents=True, exist_ok=True)
         commands, objects = [], []
@@ -148,7 +152,7 @@ class NvccBuildExt(build_ext):
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
         link = [cxx, "-shared", "-o", str(out), *objects, *cuda_libs, "-l:libcudart_static.a", "-lrt",
-                "-lpthread", "-ldl"]
+                "-lpthread", "-ldl", *([f"-fsanitize={sanitize}"] if sanitize else [])]
         print(" ".join(link), flush=True)
         subprocess.check_call(link)
 

@@ -11,6 +11,9 @@ Python transcriptions in :mod:`tests.cuda_model.kernels`. Memory (allocation, IP
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -28,7 +31,18 @@ _KERNELS = {"get_dispatch_layout": ("zero_counts", "layout")}
 
 
 def simt_module() -> ModuleType:
-    """``moe_comm._C_simt``, or a RuntimeError saying it was not built."""
+    """``moe_comm._C_simt``: the build at ``$MOE_COMM_SIMT_MODULE`` when set (scripts/simt_asan.sh points it at
+    an AddressSanitizer build), else the installed one; a RuntimeError when it was not built."""
+    path = os.environ.get("MOE_COMM_SIMT_MODULE")
+    if path:
+        if "moe_comm._C_simt" not in sys.modules:
+            spec = importlib.util.spec_from_file_location("moe_comm._C_simt", path)
+            if spec is None or spec.loader is None:
+                raise RuntimeError(f"MOE_COMM_SIMT_MODULE={path}: not an extension module")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules["moe_comm._C_simt"] = module
+        return sys.modules["moe_comm._C_simt"]
     try:
         return importlib.import_module("moe_comm._C_simt")
     except ImportError as exc:
