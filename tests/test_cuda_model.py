@@ -48,11 +48,12 @@ class ModelPool:
         return self.ranks.run(checks.on_model, self.config, fn, *args, timeout_s=timeout_s, **kwargs)
 
 
-# The pools: the kernel transcriptions at every world size, then the CUDA source itself on CPU fibers
-# (tests/cuda_model/simt.py) at every world size, its block and thread orders varied, since a missing barrier
+# The pools: the kernel transcriptions at 1 to 4 ranks, then the CUDA source itself on CPU fibers
+# (tests/cuda_model/simt.py) at 1 to 4 and 8 ranks, its block and thread orders varied, since a missing barrier
 # gives wrong results in some orders only.
 POOLS = [("python", "forward", n) for n in WORLD_SIZES] + [
-    ("simt", order, n) for n, order in zip(WORLD_SIZES, ("shuffled", "forward", "reverse", "forward"), strict=True)]
+    ("simt", order, n) for n, order in zip((*WORLD_SIZES, 8), ("shuffled", "forward", "reverse", "forward", "shuffled"),
+                                           strict=True)]
 
 
 def _pool_id(pool: tuple[str, str, int]) -> str:
