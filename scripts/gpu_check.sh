@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, for scripts run by path too
 PY="${PYTHON:-python3}"
 export MOE_COMM_CUDA_ARCHS="${MOE_COMM_CUDA_ARCHS:-90}"
+# The CPU-fiber build of the kernels (moe_comm._C_simt) is for machines without a GPU: skip its build time here.
+export MOE_COMM_SKIP_SIMT="${MOE_COMM_SKIP_SIMT:-1}"
 declare -A RC
 START=$(date +%s)
 
