@@ -2,8 +2,9 @@
 # The kernels' CUDA source on CPU fibers (moe_comm._C_simt) under AddressSanitizer: builds an ASan copy of the
 # extension under OUT (default build/simt-asan) and runs every simt test of the kernel model and the emulator
 # with it, so an out-of-bounds access by a kernel to a host tensor (inputs, outputs, scratch) stops the rank with
-# the kernel's file:line. The model's "device memory" (mmapped files: the symmetric buffers) is not tracked.
-# Not part of `make test` (about 4 minutes on 2 cores); run it after changing csrc/kernels.
+# the kernel's file:line. The model's "device memory" (mmapped files: the symmetric buffers) gets a poisoned
+# guard after each allocation (tests/cuda_model/kernels.py DeviceMemory), so running past a buffer's end stops too.
+# Not part of `make test` (about 6 minutes on 2 cores); run it after changing csrc/kernels.
 #   usage: scripts/simt_asan.sh [OUT] [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -85,56 +85,82 @@ def call_binding(binding: Callable[..., Any], *args: Any) -> None:
 # device memory and IPC
 
 
+# Bytes mapped after every allocation: under AddressSanitizer (scripts/simt_asan.sh) they are poisoned, so a kernel
+# that reads or writes past the end of a buffer stops with ASan's report.
+GUARD_BYTES = 4096
+
+
+def _asan_function(name: str) -> Callable[[int, int], None] | None:
+    """``__asan_(un)poison_memory_region`` when AddressSanitizer is loaded in this process, else None."""
+    function = getattr(ctypes.CDLL(None), name, None)
+    if function is not None:
+        function.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        function.restype = None
+    return function
+
+
 class DeviceMemory:
-    """One process's "device memory": files in ``directory`` mapped shared; an IPC handle is a file name."""
+    """One process's "device memory": files in ``directory`` mapped shared; an IPC handle is the file name and
+    the allocation's size. Every file has :data:`GUARD_BYTES` more than the allocation, poisoned under ASan."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
-        self._maps: dict[int, tuple[mmap.mmap, str, bool]] = {}  # address -> (mapping, file name, owned)
+        self._maps: dict[int, tuple[mmap.mmap, str, bool, int]] = {}  # address -> (mapping, file, owned, bytes)
         self._allocations = 0
+        self._poison = _asan_function("__asan_poison_memory_region")
+        self._unpoison = _asan_function("__asan_unpoison_memory_region")
 
     def _map(self, name: str, nbytes: int, owned: bool) -> int:
         path = os.path.join(self.directory, name)
         fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if owned else 0), 0o600)
         try:
             if owned:
-                os.ftruncate(fd, nbytes)  # a new file reads as zeros, like cudaMemset(0)
+                os.ftruncate(fd, nbytes + GUARD_BYTES)  # a new file reads as zeros, like cudaMemset(0)
             mapping = mmap.mmap(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
         probe = ctypes.c_uint8.from_buffer(mapping)
         addr = ctypes.addressof(probe)
         del probe  # release the export so the mapping can be closed later
-        self._maps[addr] = (mapping, name, owned)
+        self._maps[addr] = (mapping, name, owned, nbytes)
+        if self._poison is not None:
+            guard = (nbytes + 7) // 8 * 8  # ASan poisons whole 8-byte granules
+            self._poison(addr + guard, len(mapping) - guard)
         return addr
+
+    def _unmap(self, ptr: int) -> tuple[str, bool]:
+        mapping, name, owned, _ = self._maps.pop(ptr)
+        if self._unpoison is not None:
+            self._unpoison(ptr, len(mapping))  # the next mapping at this address starts clean
+        mapping.close()
+        return name, owned
 
     def alloc_zeroed(self, nbytes: int) -> int:
         self._allocations += 1
         return self._map(f"{os.getpid()}_{self._allocations}", nbytes, owned=True)
 
     def free(self, ptr: int) -> None:
-        mapping, name, owned = self._maps.pop(ptr)
+        name, owned = self._unmap(ptr)
         assert owned, "device_free of a pointer opened through IPC"
-        mapping.close()
         os.unlink(os.path.join(self.directory, name))
 
     def ipc_handle(self, ptr: int) -> bytes:
-        mapping, name, owned = self._maps[ptr]
+        _, name, owned, nbytes = self._maps[ptr]
         assert owned, "ipc_get_handle of a pointer opened through IPC"
-        return name.encode().ljust(IPC_HANDLE_BYTES, b"\0")
+        return f"{name}:{nbytes}".encode().ljust(IPC_HANDLE_BYTES, b"\0")
 
     def ipc_open(self, handle: bytes) -> int:
-        return self._map(handle.rstrip(b"\0").decode(), 0, owned=False)
+        name, nbytes = handle.rstrip(b"\0").decode().split(":")
+        return self._map(name, int(nbytes), owned=False)
 
     def ipc_close(self, ptr: int) -> None:
-        mapping, _, owned = self._maps.pop(ptr)
+        _, owned = self._unmap(ptr)
         assert not owned, "ipc_close_handle of a pointer this process allocated"
-        mapping.close()
 
     def check_range(self, addr: int, nbytes: int) -> None:
         """Assert that ``[addr, addr + nbytes)`` lies inside one mapped symmetric buffer."""
-        for start, (mapping, _, _) in self._maps.items():
-            if start <= addr and addr + nbytes <= start + len(mapping):
+        for start, (_, _, _, size) in self._maps.items():
+            if start <= addr and addr + nbytes <= start + size:
                 return
         raise AssertionError(f"the kernel would access {nbytes} bytes at {addr:#x}, outside every symmetric buffer")
 
