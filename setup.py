@@ -71,6 +71,11 @@ def _archs() -> list[str]:
     return archs
 
 
+def _object_path(build_tmp: Path, src: str) -> Path:
+    """Where the object of source ``src`` goes (``kernels/layout.cu`` -> ``layout_cu.o``)."""
+    return build_tmp / (Path(src).stem + Path(src).suffix.replace(".", "_") + ".o")
+
+
 def _run_parallel(commands: list[list[str]]) -> None:
     """Run the compile commands, as many at once as there are cores (MAX_JOBS caps it, as for torch extensions)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -108,7 +113,7 @@ class NvccBuildExt(build_ext):
         build_tmp.mkdir(parents=True, exist_ok=True)
         commands, objects = [], []
         for src in ext.sources:
-            obj = build_tmp / (Path(src).stem + Path(src).suffix.replace(".", "_") + ".o")
+            obj = _object_path(build_tmp, src)
             cmd = [nvcc, "-c", str(src), "-o", str(obj), *common, *includes]
             if src.endswith(".cu"):
                 cmd += [*gencode, "--expt-relaxed-constexpr", "-lineinfo"]
@@ -145,7 +150,7 @@ class NvccBuildExt(build_ext):
         build_tmp.mkdir(parents=True, exist_ok=True)
         commands, objects = [], []
         for src in ext.sources:
-            obj = build_tmp / (Path(src).stem + Path(src).suffix.replace(".", "_") + ".o")
+            obj = _object_path(build_tmp, src)
             commands.append([cxx, "-c", "-x", "c++", str(src), "-o", str(obj), *flags])
             objects.append(str(obj))
         _run_parallel(commands)

@@ -14,7 +14,6 @@ where a CUDA device is usable (tests/gpu runs the real thing there).
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ skip_module_unless_modelled()
 from moe_comm.launch import RankPool  # noqa: E402
 from tests.conformance import Case  # noqa: E402
 from tests.cuda_model import emulator_checks, install  # noqa: E402
+from tests.cuda_model.simt import simt_built  # noqa: E402
 
 
 class HostModel:
@@ -49,7 +49,7 @@ class HostModel:
 # The kernel transcriptions, then the CUDA source itself on CPU fibers (tests/cuda_model/simt.py).
 @pytest.fixture(scope="module", params=["python", "simt"], ids=["model", "simt"])
 def model(request: pytest.FixtureRequest) -> Iterator[HostModel]:
-    if request.param == "simt" and importlib.util.find_spec("moe_comm._C_simt") is None:
+    if request.param == "simt" and not simt_built():
         pytest.skip("moe_comm._C_simt is not built")
     memory_dir = tempfile.mkdtemp(prefix="moe_comm_model_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:

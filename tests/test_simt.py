@@ -5,16 +5,16 @@ tests/test_cuda_model.py runs the repository's kernels on it."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 
 import pytest
 
-if importlib.util.find_spec("moe_comm._C_simt") is None:
+from tests.cuda_model.simt import ORDERS, simt_built, simt_module
+
+if not simt_built():
     pytest.skip("moe_comm._C_simt is not built (setup.py builds it with moe_comm._C)", allow_module_level=True)
 
-from moe_comm import _C_simt as simt  # noqa: E402
-from tests.cuda_model.simt import ORDERS  # noqa: E402
+simt = simt_module()
 
 BLOCKS, THREADS = 3, 64
 

@@ -5,7 +5,7 @@
 #include <sys/mman.h>
 
 #include <random>
-#include <sstream>
+#include <stdexcept>
 #include <vector>
 
 #if !defined(__x86_64__)
@@ -148,16 +148,22 @@ void start_fiber(Fiber* f, uint8_t* stack) {
 #endif
 }
 
-std::string where(const Fiber& f) {
-  std::ostringstream s;
-  s << "thread " << f.id.thread_idx.x << " of block " << f.id.block_idx.x << " ";
+// What a thread does, for error messages: "has returned", "waits at __syncthreads (file:line)", ... (`plural`:
+// "have returned", "wait at ...", for a group of lanes).
+std::string doing(const Fiber& f, bool plural) {
+  const std::string site = f.file == nullptr ? "" : " (" + std::string(f.file) + ":" + std::to_string(f.line) + ")";
   switch (f.state) {
-    case State::kExited: s << "has returned"; break;
-    case State::kRunnable: s << "is running"; break;
-    case State::kAtBarrier: s << "waits at __syncthreads (" << f.file << ":" << f.line << ")"; break;
-    case State::kAtWarpOp: s << "waits at a warp collective (" << f.file << ":" << f.line << ")"; break;
+    case State::kExited: return plural ? "have returned" : "has returned";
+    case State::kRunnable: return plural ? "are running" : "is running";
+    case State::kAtBarrier: return (plural ? "wait" : "waits") + std::string(" at __syncthreads") + site;
+    case State::kAtWarpOp: break;
   }
-  return s.str();
+  return (plural ? "wait" : "waits") + std::string(" at a warp collective") + site;
+}
+
+std::string where(const Fiber& f) {
+  return "thread " + std::to_string(f.id.thread_idx.x) + " of block " + std::to_string(f.id.block_idx.x) + " " +
+         doing(f, false);
 }
 
 void fail(const std::string& what) {
@@ -260,19 +266,10 @@ std::string stuck_warp() {
   }
   std::string out = "warp " + std::to_string(base / kWarpSize) + " of block " +
                     std::to_string(g_launch.fibers[base].id.block_idx.x) + ":";
-  auto what = [](const Fiber& f) {
-    switch (f.state) {
-      case State::kExited: return std::string("have returned");
-      case State::kRunnable: return std::string("are running");
-      case State::kAtBarrier: return "wait at __syncthreads (" + std::string(f.file) + ":" + std::to_string(f.line) + ")";
-      case State::kAtWarpOp: break;
-    }
-    return "wait at a warp collective (" + std::string(f.file) + ":" + std::to_string(f.line) + ")";
-  };
   for (int l = 0; l < kWarpSize;) {
-    const std::string w = what(g_launch.fibers[base + l]);
+    const std::string w = doing(g_launch.fibers[base + l], true);
     int end = l + 1;
-    while (end < kWarpSize && what(g_launch.fibers[base + end]) == w) ++end;
+    while (end < kWarpSize && doing(g_launch.fibers[base + end], true) == w) ++end;
     out += (l == 0 ? " lanes " : "; lanes ") + std::to_string(l) + "-" + std::to_string(end - 1) + " " + w;
     l = end;
   }
@@ -367,28 +364,30 @@ std::string launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
 
 void barrier(const char* file, int line) { barrier_and(1, file, line); }
 
-int barrier_and(int predicate, const char* file, int line) {
+namespace {
+// The running fiber waits at a barrier or collective (its operands set) until the scheduler completes it.
+uint64_t wait_at(State state, uint64_t value, const char* file, int line) {
   Fiber* f = g_launch.running;
-  f->state = State::kAtBarrier;
-  f->file = file;
-  f->line = line;
-  f->value = predicate != 0;
-  to_scheduler();
-  return int(f->result);
-}
-
-uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line) {
-  Fiber* f = g_launch.running;
-  f->state = State::kAtWarpOp;
-  f->op = op;
-  f->mask = mask;
+  f->state = state;
   f->value = value;
-  f->arg = arg;
-  f->width = width;
   f->file = file;
   f->line = line;
   to_scheduler();
   return f->result;
+}
+}  // namespace
+
+int barrier_and(int predicate, const char* file, int line) {
+  return int(wait_at(State::kAtBarrier, predicate != 0, file, line));
+}
+
+uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line) {
+  Fiber* f = g_launch.running;
+  f->op = op;
+  f->mask = mask;
+  f->arg = arg;
+  f->width = width;
+  return wait_at(State::kAtWarpOp, value, file, line);
 }
 
 void spin_point() {

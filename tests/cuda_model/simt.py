@@ -20,7 +20,7 @@ from typing import Any
 
 from tests.cuda_model.kernels import LAUNCHERS, KernelModel, model_extension
 
-__all__ = ["ORDERS", "simt_extension", "simt_module"]
+__all__ = ["ORDERS", "simt_built", "simt_extension", "simt_module"]
 
 # simt_configure's orders of blocks and of threads at every switch.
 ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}
@@ -28,6 +28,11 @@ ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}
 # The kernels a launcher launches, in order, where that is not one kernel named as the launcher (a launcher
 # that returns early launches a prefix of them: get_dispatch_layout with no tokens only zeroes the counts).
 _KERNELS = {"get_dispatch_layout": ("zero_counts", "layout")}
+
+
+def simt_built() -> bool:
+    """Whether :func:`simt_module` has a build to load (``$MOE_COMM_SIMT_MODULE`` or the installed one)."""
+    return bool(os.environ.get("MOE_COMM_SIMT_MODULE")) or importlib.util.find_spec("moe_comm._C_simt") is not None
 
 
 def simt_module() -> ModuleType:
