@@ -1,6 +1,8 @@
 """Build ``moe_comm._C`` from csrc/ with nvcc + pybind11 when nvcc is found; otherwise install pure Python.
 With it comes ``moe_comm._C_simt``: the same kernels compiled by the host C++ compiler to run on CPU fibers
 (csrc/simt/simt.h), which the tests' kernel model runs where there is no GPU.
+Independently of nvcc, ``moe_comm._cpu`` (csrc/cpu/: the portable backend's CPU combine reduction) is built
+by the host C++ compiler when there is one; without it the backend uses its pure-PyTorch path.
 
 Environment:
     MOE_COMM_CUDA_ARCHS: semicolon/comma separated SM versions (default "90" -> sm_90).
@@ -8,6 +10,8 @@ Environment:
     MOE_COMM_SKIP_CUDA=1: skip the extension even when nvcc exists (and tolerate a failing build).
     MOE_COMM_SKIP_SIMT=1: build moe_comm._C but not moe_comm._C_simt (whose tests then skip).
     MOE_COMM_SIMT_SANITIZE=address: build moe_comm._C_simt with AddressSanitizer (scripts/simt_asan.sh).
+    MOE_COMM_SKIP_CPU=1: do not build moe_comm._cpu.
+    CXX: the host C++ compiler (default: c++ or g++ on PATH).
     CUDA_HOME / CUDA_PATH: where CUDA lives (else found from nvcc on PATH).
 A present nvcc whose compilation fails FAILS the install, so broken CUDA code is caught in CI.
 The CUDA runtime is linked statically, so importing on a CPU-only machine works. torch is not needed here.
@@ -71,6 +75,10 @@ def _archs() -> list[str]:
     return archs
 
 
+def _host_cxx() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
 def _object_path(build_tmp: Path, src: str) -> Path:
     """Where the object of source ``src`` goes (``kernels/layout.cu`` -> ``layout_cu.o``)."""
     return build_tmp / (Path(src).stem + Path(src).suffix.replace(".", "_") + ".o")
@@ -88,14 +96,18 @@ def _run_parallel(commands: list[list[str]]) -> None:
         raise subprocess.CalledProcessError(1, [next(a for a in cmd if a.endswith((".cu", ".cpp"))) for cmd in failed])
 
 
-class NvccBuildExt(build_ext):
+class MoeCommBuildExt(build_ext):
     """``moe_comm._C``: compile .cu with nvcc, .cpp with nvcc as host compiler driver, link with nvcc (static
     cudart). ``moe_comm._C_simt``: the same sources with the host C++ compiler and -DMOE_COMM_SIMT, the kernels
-    running on CPU fibers (csrc/simt/simt.h), for the tests' kernel model."""
+    running on CPU fibers (csrc/simt/simt.h), for the tests' kernel model. ``moe_comm._cpu``: csrc/cpu/ with
+    the host C++ compiler."""
 
     def build_extension(self, ext: Extension) -> None:
         if ext.name.endswith("_C_simt"):
             self._build_simt(ext)
+            return
+        if ext.name.endswith("_cpu"):
+            self._build_cpu(ext)
             return
         import pybind11
 
@@ -133,7 +145,7 @@ class NvccBuildExt(build_ext):
         import pybind11
 
         cuda_includes, cuda_libs = _cuda_host_paths(str(_cuda_home() / "bin" / "nvcc"))
-        cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+        cxx = _host_cxx()
         if cxx is None:
             raise SystemExit("moe_comm: no host C++ compiler for moe_comm._C_simt (set CXX)")
         # -fno-strict-aliasing: the kernels reinterpret 16-byte vectors as rows, which nvcc allows.
@@ -162,19 +174,47 @@ class NvccBuildExt(build_ext):
         subprocess.check_call(link)
 
 
+    def _build_cpu(self, ext: Extension) -> None:
+        """``moe_comm._cpu``: plain host C++; skipped (the backend falls back) when there is no compiler, but a
+        compiler that fails on it fails the build."""
+        cxx = _host_cxx()
+        if cxx is None:
+            print("moe_comm: no host C++ compiler, skipping moe_comm._cpu (pure-PyTorch combine on CPU)", file=sys.stderr)
+            return
+        import pybind11
+
+        build_tmp = Path(self.build_temp) / "moe_comm_cpu"
+        build_tmp.mkdir(parents=True, exist_ok=True)
+        # -ffp-contract=off: the sums must be exactly the reference's adds (there is nothing to fuse, but no
+        # compiler default may change that).
+        flags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off",
+                 f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+        objects = [str(_object_path(build_tmp, src)) for src in ext.sources]
+        _run_parallel([[cxx, "-c", "-x", "c++", str(src), "-o", obj, *flags] for src, obj in zip(ext.sources, objects, strict=True)])
+        out = Path(self.get_ext_fullpath(ext.name))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        link = [cxx, "-shared", "-o", str(out), *objects, "-lpthread"]
+        print(" ".join(link), flush=True)
+        subprocess.check_call(link)
+
+
 def _extensions() -> tuple[list[Extension], dict]:
-    if os.environ.get("MOE_COMM_SKIP_CUDA") == "1":
-        print("moe_comm: MOE_COMM_SKIP_CUDA=1, installing pure Python", file=sys.stderr)
-        return [], {}
-    if _cuda_home() is None:
-        print("moe_comm: nvcc not found, installing pure Python (portable torch backend only)", file=sys.stderr)
-        return [], {}
+    cpu = str((CSRC / "cpu").relative_to(ROOT))
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*") if p.suffix in (".cu", ".cpp"))
-    simt = str((CSRC / "simt").relative_to(ROOT))
-    extensions = [Extension("moe_comm._C", sources=[src for src in sources if not src.startswith(simt)])]
-    if os.environ.get("MOE_COMM_SKIP_SIMT") != "1":
-        extensions.append(Extension("moe_comm._C_simt", sources=sources))
-    return extensions, {"build_ext": NvccBuildExt}
+    extensions = []
+    if os.environ.get("MOE_COMM_SKIP_CPU") != "1":
+        extensions.append(Extension("moe_comm._cpu", sources=[src for src in sources if src.startswith(cpu)]))
+    if os.environ.get("MOE_COMM_SKIP_CUDA") == "1":
+        print("moe_comm: MOE_COMM_SKIP_CUDA=1, no CUDA extension", file=sys.stderr)
+    elif _cuda_home() is None:
+        print("moe_comm: nvcc not found, no CUDA extension (portable torch backend only)", file=sys.stderr)
+    else:
+        simt = str((CSRC / "simt").relative_to(ROOT))
+        kernels = [src for src in sources if not src.startswith(cpu)]
+        extensions.append(Extension("moe_comm._C", sources=[src for src in kernels if not src.startswith(simt)]))
+        if os.environ.get("MOE_COMM_SKIP_SIMT") != "1":
+            extensions.append(Extension("moe_comm._C_simt", sources=kernels))
+    return extensions, ({"build_ext": MoeCommBuildExt} if extensions else {})
 
 
 ext_modules, cmdclass = _extensions()

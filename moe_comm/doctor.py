@@ -70,6 +70,16 @@ def _extension() -> list[Check]:
     return [Check("CUDA extension moe_comm._C", "ok", f"built for {archs}")]
 
 
+def _cpu_kernels() -> list[Check]:
+    from moe_comm import cpu_kernels
+
+    usable, reason = cpu_kernels.available()
+    if usable:
+        return [Check("CPU kernels moe_comm._cpu", "ok", "combine's CPU reduction runs compiled")]
+    return [Check("CPU kernels moe_comm._cpu", "warn", reason,
+                  "reinstall with a C++ compiler (pip install -e .); without it CPU combine uses a slower PyTorch reduction, same results")]
+
+
 def _gpus() -> list[Check]:
     if not torch.cuda.is_available():
         return [Check("GPUs", "skip", "no CUDA device visible", "none needed for the portable backend on CPU"),
@@ -176,6 +186,7 @@ def _self_test() -> list[Check]:
 SECTIONS: list[tuple[str, Callable[[], list[Check]]]] = [
     ("versions", _versions),
     ("extension", _extension),
+    ("cpu kernels", _cpu_kernels),
     ("gpus", _gpus),
     ("launcher", _launcher),
     ("backends", _backends),

@@ -39,3 +39,14 @@ def test_unreachable_master_address_fails_with_a_fix(monkeypatch):
     checks = {c.name: c for c in doctor.run_checks(self_test=False)}
     reach = checks["MASTER_ADDR reachable"]
     assert reach.status == "fail" and f"127.0.0.1:{port}" in reach.detail and "MASTER_ADDR" in reach.fix
+
+
+def test_cpu_kernels_check_reports_the_path_combine_takes():
+    from moe_comm import cpu_kernels
+
+    checks = {c.name: c for c in doctor.run_checks(self_test=False)}
+    assert checks["CPU kernels moe_comm._cpu"].status == ("ok" if cpu_kernels.available()[0] else "warn")
+    with cpu_kernels.forced_off():
+        checks = {c.name: c for c in doctor.run_checks(self_test=False)}
+    off = checks["CPU kernels moe_comm._cpu"]
+    assert off.status == "warn" and "MOE_COMM_CPU_KERNELS=0" in off.detail and off.fix

@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from moe_comm import cpu_kernels
 from moe_comm.backends.base import (
     BackendContext,
     CombineOutput,
@@ -656,6 +657,8 @@ class TorchBackend(CommBackend):
         device = x.device
         acc_dtype = _accumulation_dtype(x.dtype)
         biases = [b for b in request.bias if b is not None]
+        if cpu_kernels.available()[0]:
+            return self._reduce_compiled(ctx, works, request, back_x, back_w, pieces, step)
         members = torch.cat(
             [handle.is_token_in_rank.to(device), torch.ones(num_tokens, len(biases), dtype=torch.bool, device=device)], dim=1
         )  # [T, R + biases]: the elements of each token's bag, in summation order
@@ -729,6 +732,42 @@ class TorchBackend(CommBackend):
             self._scratch.give(scratch, back_x)
 
         return CombineOutput(combined_x=combined, combined_topk_weights=combined_w, finish=finish_direct if direct else finish)
+
+    def _reduce_compiled(
+        self,
+        ctx: StepContext,
+        works: list[dist.Work | None],
+        request: CombineRequest,
+        back_x: torch.Tensor,
+        back_w: torch.Tensor | None,
+        pieces: list[tuple[torch.Tensor, int, int]],
+        step: str,
+    ) -> CombineOutput:
+        """:meth:`_reduce_in_bags` in one pass of ``moe_comm._cpu``'s ``bag_sum``: the same bags (each token's
+        returned rows in rank order), the same float32 sums and rounding, each row read once and each output
+        row written once. About twice as fast as ``embedding_bag`` with its ``padding_idx`` (docs)."""
+        handle, x = request.handle, request.x
+        num_sent = sum(handle.send_counts or ())
+        in_rank = handle.is_token_in_rank.to(x.device)
+        # Rank r's row of token t is its count of earlier tokens, after the rows of ranks before r.
+        first = torch.tensor(_offsets(handle.send_counts or ())[:-1], dtype=torch.int64, device=x.device)
+        element_row = (torch.cumsum(in_rank, dim=0) - in_rank.long() + first)[in_rank]
+        bag_end = in_rank.sum(dim=1, dtype=torch.int64).cumsum(dim=0)
+        acc_dtype = _accumulation_dtype(x.dtype)
+        biases = [b.to(acc_dtype).contiguous() for b in request.bias if b is not None]
+        combined = torch.empty(handle.num_tokens, x.shape[1], dtype=x.dtype, device=x.device)
+        combined_w = None
+        if back_w is not None:
+            combined_w = torch.empty(handle.num_tokens, back_w.shape[1], dtype=torch.float32, device=x.device)
+
+        def finish() -> None:
+            wait_all(ctx, works, step)
+            cpu_kernels.bag_sum(back_x[:num_sent], element_row, bag_end, biases, combined)
+            if combined_w is not None and back_w is not None:
+                combined_w.copy_(_sum_weights(back_w, pieces, handle.num_tokens))
+            self._scratch.give(back_x)
+
+        return CombineOutput(combined_x=combined, combined_topk_weights=combined_w, finish=finish)
 
     def _combine_worst_case(self, request: CombineRequest) -> CombineOutput:
         ctx = self._ctx("combine")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moe_comm import cpu_kernels
 from moe_comm.bench.timing import time_interleaved
 from moe_comm.buffer import Buffer
 from moe_comm.collectives import StepContext, all_gather_rows, wait_all
@@ -52,6 +53,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda_device": None,
+        "cpu_kernels": cpu_kernels.available()[1],  # which combine reduction CPU ranks ran
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

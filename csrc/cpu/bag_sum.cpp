@@ -1,0 +1,216 @@
+// moe_comm._cpu: the host-CPU kernel of the portable backend's combine (moe_comm/cpu_kernels.py).
+//
+// bag_sum: out[t] = round(0 + rows[e_0] + rows[e_1] + ... + bias0[t] + bias1[t]) for the bag of row indices
+// e_i of token t, accumulated in float32 (float64 for float64 rows), added in bag order, rounded once to
+// nearest even: the sums of the portable backend's reference reduction, in one pass that reads each row once
+// and writes each output once. It exists because PyTorch has no such op for bf16/fp16 rows on the CPU: its
+// embedding_bag rounds ties away from zero (fbgemm) or runs at a third of memory speed (ATen).
+//
+// Raw pointers and sizes only (no torch C++ ABI), like moe_comm._C. Shapes: N rows of H elements, T tokens,
+// E bag elements; element_row [E] int64 in [0, N); bag_end [T] int64, non-decreasing, bag_end[T-1] = E.
+#include <pybind11/pybind11.h>
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace moe_comm::cpu {
+namespace {
+
+// Same codes as the CUDA kernels' DType (csrc/include/intranode.cuh).
+enum DType : int { kBFloat16 = 0, kFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
+// The x86 builds carry AVX-512 and AVX2 versions of the loops, picked at load time; others are compiled once.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__SANITIZE_ADDRESS__)
+#define MC_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MC_VECTOR_CLONES
+#endif
+
+inline uint32_t bits_of(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float float_of(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+struct BFloat16 {
+  uint16_t bits;
+};
+struct Float16 {
+  uint16_t bits;
+};
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+inline float to_acc(BFloat16 x) { return float_of(uint32_t(x.bits) << 16); }
+
+// Exact: every fp16 value is a float32 value.
+inline float to_acc(Float16 x) {
+  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16;
+  const uint32_t exponent = (x.bits >> 10) & 0x1fu;
+  const uint32_t mantissa = x.bits & 0x3ffu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in float32
+    const float magnitude = float(mantissa) * float_of(0x33800000u);
+    return float_of(sign | bits_of(magnitude));
+  }
+  if (exponent == 0x1f) return float_of(sign | 0x7f800000u | (mantissa << 13));  // inf, NaN
+  return float_of(sign | ((exponent + 112) << 23) | (mantissa << 13));
+}
+inline float to_acc(float x) { return x; }
+inline double to_acc(double x) { return x; }
+
+template <typename T> T from_acc(typename Acc<T>::type x);
+
+// Round to nearest even on the 16 bits dropped; NaN becomes the canonical quiet NaN.
+template <> inline BFloat16 from_acc<BFloat16>(float x) {
+  const uint32_t u = bits_of(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {0x7fc0};
+  return {uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+
+template <> inline Float16 from_acc<Float16>(float x) {
+  const uint32_t u = bits_of(x);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return {uint16_t(sign | 0x7e00u)};        // NaN
+  if (a >= 0x477ff000u) return {uint16_t(sign | 0x7c00u)};       // >= 65520 rounds to infinity
+  if (a >= 0x38800000u) {                                        // a normal fp16 (>= 2^-14)
+    const uint32_t rounded = a + 0xfffu + ((a >> 13) & 1u);       // nearest even at bit 13
+    return {uint16_t(sign | ((rounded - 0x38000000u) >> 13))};   // rebias the exponent from 127 to 15
+  }
+  if (a <= 0x33000000u) return {sign};                           // <= 2^-25: rounds to zero (the tie too)
+  // A subnormal fp16: the value in units of 2^-24 is mantissa_with_one * 2^(exponent - 126).
+  const uint32_t exponent = a >> 23;
+  const uint32_t mantissa = (a & 0x7fffffu) | 0x800000u;
+  const uint32_t shift = 126 - exponent;  // 14..24 here
+  uint32_t q = mantissa >> shift;
+  const uint32_t rest = mantissa & ((1u << shift) - 1);
+  const uint32_t half = 1u << (shift - 1);
+  if (rest > half || (rest == half && (q & 1u))) ++q;  // may carry into the smallest normal, as it should
+  return {uint16_t(sign | q)};
+}
+template <> inline float from_acc<float>(float x) { return x; }
+template <> inline double from_acc<double>(double x) { return x; }
+
+// Elements of a row summed at a time: the accumulator stays in L1 while a token's rows stream through.
+constexpr int64_t kTile = 512;
+
+template <typename T>
+MC_VECTOR_CLONES void bag_sum_tokens(const T* rows, int64_t hidden, const int64_t* element_row, const int64_t* bag_end,
+                                     const typename Acc<T>::type* bias0, const typename Acc<T>::type* bias1,
+                                     T* out, int64_t t0, int64_t t1) {
+  using AccT = typename Acc<T>::type;
+  AccT acc[kTile];
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t e0 = t == 0 ? 0 : bag_end[t - 1];
+    const int64_t e1 = bag_end[t];
+    for (int64_t c0 = 0; c0 < hidden; c0 += kTile) {
+      const int64_t n = std::min(kTile, hidden - c0);
+      for (int64_t c = 0; c < n; ++c) acc[c] = AccT(0);
+      for (int64_t e = e0; e < e1; ++e) {
+        const T* row = rows + element_row[e] * hidden + c0;
+        for (int64_t c = 0; c < n; ++c) acc[c] += to_acc(row[c]);
+      }
+      if (bias0 != nullptr) {
+        const AccT* b = bias0 + t * hidden + c0;
+        for (int64_t c = 0; c < n; ++c) acc[c] += b[c];
+      }
+      if (bias1 != nullptr) {
+        const AccT* b = bias1 + t * hidden + c0;
+        for (int64_t c = 0; c < n; ++c) acc[c] += b[c];
+      }
+      T* o = out + t * hidden + c0;
+      for (int64_t c = 0; c < n; ++c) o[c] = from_acc<T>(acc[c]);
+    }
+  }
+}
+
+[[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
+
+void require_pointer(uint64_t address, const char* name) {
+  if (address == 0) fail(std::string(name) + ": null pointer");
+}
+
+template <typename T> T* as_pointer(uint64_t address) { return reinterpret_cast<T*>(static_cast<uintptr_t>(address)); }
+
+// Checks the bags against the rows (a bad index is an error naming the argument, never a stray read), then
+// sums them, the tokens split evenly over up to `num_threads` threads.
+void bag_sum(uint64_t rows_address, int dtype, int64_t num_rows, int64_t hidden, uint64_t element_row_address,
+             int64_t num_elements, uint64_t bag_end_address, int64_t num_tokens, uint64_t bias0_address,
+             uint64_t bias1_address, uint64_t out_address, int num_threads) {
+  if (dtype < kBFloat16 || dtype > kFloat64) fail("dtype: unsupported code " + std::to_string(dtype));
+  if (num_rows < 0 || hidden < 0 || num_elements < 0 || num_tokens < 0) fail("sizes must be >= 0");
+  if (num_tokens == 0 || hidden == 0) return;
+  require_pointer(bag_end_address, "bag_end");
+  require_pointer(out_address, "out");
+  if (num_elements > 0) {
+    require_pointer(element_row_address, "element_row");
+    require_pointer(rows_address, "rows");
+  }
+  const auto* element_row = as_pointer<const int64_t>(element_row_address);
+  const auto* bag_end = as_pointer<const int64_t>(bag_end_address);
+  int64_t previous = 0;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    if (bag_end[t] < previous || bag_end[t] > num_elements)
+      fail("bag_end: not a non-decreasing sequence within [0, " + std::to_string(num_elements) + "] at token " +
+           std::to_string(t));
+    previous = bag_end[t];
+  }
+  if (previous != num_elements) fail("bag_end: the last bag ends at " + std::to_string(previous) + ", not at " +
+                                     std::to_string(num_elements));
+  for (int64_t e = 0; e < num_elements; ++e)
+    if (element_row[e] < 0 || element_row[e] >= num_rows)
+      fail("element_row: index " + std::to_string(element_row[e]) + " at " + std::to_string(e) + " is outside [0, " +
+           std::to_string(num_rows) + ")");
+
+  const auto run = [&](auto tag, int64_t t0, int64_t t1) {
+    using T = decltype(tag);
+    using AccT = typename Acc<T>::type;
+    bag_sum_tokens<T>(as_pointer<const T>(rows_address), hidden, element_row, bag_end,
+                      as_pointer<const AccT>(bias0_address), as_pointer<const AccT>(bias1_address),
+                      as_pointer<T>(out_address), t0, t1);
+  };
+  const auto run_range = [&](int64_t t0, int64_t t1) {
+    switch (dtype) {
+      case kBFloat16: run(BFloat16{}, t0, t1); break;
+      case kFloat16: run(Float16{}, t0, t1); break;
+      case kFloat32: run(float{}, t0, t1); break;
+      default: run(double{}, t0, t1); break;
+    }
+  };
+  // A thread pays for itself only with enough elements to move (about 64K per thread).
+  const int64_t work = (num_elements + num_tokens) * hidden;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({num_threads, num_tokens, work >> 16}));
+  py::gil_scoped_release released;
+  if (threads == 1) {
+    run_range(0, num_tokens);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int64_t i = 1; i < threads; ++i) pool.emplace_back(run_range, num_tokens * i / threads, num_tokens * (i + 1) / threads);
+  run_range(0, num_tokens / threads);
+  for (auto& thread : pool) thread.join();
+}
+
+}  // namespace
+}  // namespace moe_comm::cpu
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "Host-CPU kernels of moe_comm's portable backend (raw pointers; see moe_comm/cpu_kernels.py).";
+  m.def("bag_sum", &moe_comm::cpu::bag_sum, py::arg("rows"), py::arg("dtype"), py::arg("num_rows"), py::arg("hidden"),
+        py::arg("element_row"), py::arg("num_elements"), py::arg("bag_end"), py::arg("num_tokens"), py::arg("bias0"),
+        py::arg("bias1"), py::arg("out"), py::arg("num_threads"),
+        "out[t] = round(sum of rows[element_row[bag_end[t-1]:bag_end[t]]] + bias0[t] + bias1[t]), accumulated in "
+        "float32 (float64 for float64) in bag order, rounded once to nearest even.");
+}
