@@ -1,7 +1,7 @@
 """Build ``moe_comm._C`` from csrc/ with nvcc + pybind11 when nvcc is found; otherwise install pure Python.
 With it comes ``moe_comm._C_simt``: the same kernels compiled by the host C++ compiler to run on CPU fibers
 (csrc/simt/simt.h), which the tests' kernel model runs where there is no GPU.
-Independently of nvcc, ``moe_comm._cpu`` (csrc/cpu/: the portable backend's CPU combine reduction) is built
+Independently of nvcc, ``moe_comm._cpu`` (csrc/cpu/: the portable backend's CPU kernels) is built
 by the host C++ compiler when there is one; without it the backend uses its pure-PyTorch path.
 
 Environment:
@@ -179,7 +179,7 @@ class MoeCommBuildExt(build_ext):
         compiler that fails on it fails the build."""
         cxx = _host_cxx()
         if cxx is None:
-            print("moe_comm: no host C++ compiler, skipping moe_comm._cpu (pure-PyTorch combine on CPU)", file=sys.stderr)
+            print("moe_comm: no host C++ compiler, skipping moe_comm._cpu (pure-PyTorch code on CPU ranks)", file=sys.stderr)
             return
         import pybind11
 

@@ -75,9 +75,9 @@ def _cpu_kernels() -> list[Check]:
 
     usable, reason = cpu_kernels.available()
     if usable:
-        return [Check("CPU kernels moe_comm._cpu", "ok", "combine's CPU reduction runs compiled")]
+        return [Check("CPU kernels moe_comm._cpu", "ok", "combine's sum and dispatch's top-k unpacking run compiled")]
     return [Check("CPU kernels moe_comm._cpu", "warn", reason,
-                  "reinstall with a C++ compiler (pip install -e .); without it CPU combine uses a slower PyTorch reduction, same results")]
+                  "reinstall with a C++ compiler (pip install -e .); without it CPU ranks use slower PyTorch code, same results")]
 
 
 def _gpus() -> list[Check]:

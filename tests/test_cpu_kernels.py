@@ -1,8 +1,9 @@
-"""``moe_comm._cpu.bag_sum`` (the portable backend's compiled CPU combine reduction) against references.
+"""``moe_comm._cpu`` (the portable backend's compiled CPU kernels) against references.
 
-Unit tests in this process: every fp16/bf16 value through the conversions, float32 -> fp16/bf16 rounding
-against PyTorch's casts on ties, subnormals and the overflow edge, bags against a per-token Python sum, bad
-arguments. Then combine on 3 gloo ranks, compiled vs the pure-PyTorch path, bitwise.
+Unit tests in this process: for ``bag_sum``, every fp16/bf16 value through the conversions, float32 ->
+fp16/bf16 rounding against PyTorch's casts on ties, subnormals and the overflow edge, bags against a
+per-token Python sum; ``localize_topk`` against a per-entry Python
+loop; bad arguments. Then dispatch and combine on 3 gloo ranks, compiled vs the pure-PyTorch path, bitwise.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.distributed as dist
 
 from moe_comm import cpu_kernels
 from moe_comm.buffer import Buffer
+from moe_comm.fp8 import per_token_cast_to_fp8
 from tests.conformance import Case, make_inputs
 from tests.harness import pool_fixture
 
@@ -145,7 +147,53 @@ def test_forced_off_reports_why() -> None:
     assert cpu_kernels.available()[0]
 
 
-# --- combine on 3 ranks: the compiled reduction against the pure-PyTorch one ------------------------------
+def reference_localize(ids: torch.Tensor, weights: torch.Tensor, first: int, num_local: int):
+    local = torch.full(ids.shape, -1, dtype=torch.int64)
+    masked = torch.zeros(ids.shape, dtype=torch.float32)
+    counts = [0] * num_local
+    for r in range(ids.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[r, k])
+            if first <= e < first + num_local:
+                local[r, k] = e - first
+                masked[r, k] = weights[r, k]
+                counts[e - first] += 1
+    return local, masked, torch.tensor(counts, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("first, num_local", [(0, 8), (24, 8), (16, 1), (0, 32)])
+def test_localize_topk_matches_a_python_loop(first: int, num_local: int) -> None:
+    """Ids from -1 to past the last expert, read through strided views as the side channel holds them."""
+    gen = torch.Generator().manual_seed(first + num_local)
+    packed = torch.randint(0, 256, (60, 80), generator=gen, dtype=torch.int64).to(torch.uint8)
+    ids = packed[:, 16:48].view(torch.int32)  # [60, 8], row stride 20
+    weights = packed[:, 48:80].view(torch.float32)
+    ids.copy_(torch.randint(-1, 40, ids.shape, generator=gen, dtype=torch.int32))
+    weights.copy_(torch.randn(weights.shape, generator=gen))
+    local = torch.empty(60, 8, dtype=torch.int64)
+    masked = torch.empty(60, 8)
+    counts = cpu_kernels.localize_topk(ids, weights, first, num_local, local, masked)
+    ref_local, ref_masked, ref_counts = reference_localize(ids, weights, first, num_local)
+    assert torch.equal(local, ref_local) and torch.equal(counts, ref_counts)
+    assert torch.equal(masked.view(torch.int32), ref_masked.view(torch.int32))  # +0.0 where not local
+    only_ids = torch.empty(60, 8, dtype=torch.int64)
+    assert torch.equal(cpu_kernels.localize_topk(ids, None, first, num_local, only_ids, None), ref_counts)
+    assert torch.equal(only_ids, ref_local)
+
+
+def test_localize_topk_errors() -> None:
+    ids = torch.zeros(4, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="give both or neither"):
+        cpu_kernels.localize_topk(ids, torch.zeros(4, 2), 0, 4, torch.empty(4, 2, dtype=torch.int64), None)
+    with pytest.raises(ValueError, match="global_ids: expected torch.int32"):
+        cpu_kernels.localize_topk(ids.long(), None, 0, 4, torch.empty(4, 2, dtype=torch.int64), None)
+    with pytest.raises(ValueError, match="global_ids: each row must be contiguous"):
+        cpu_kernels.localize_topk(ids.t(), None, 0, 4, torch.empty(2, 4, dtype=torch.int64), None)
+    with pytest.raises(ValueError, match="local_ids: expected torch.int64 \\[4, 2\\]"):
+        cpu_kernels.localize_topk(ids, None, 0, 4, torch.empty(4, 3, dtype=torch.int64), None)
+
+
+# --- dispatch and combine on 3 ranks: the compiled reduction against the pure-PyTorch one ------------------------------
 
 pool = pool_fixture(3)
 
@@ -169,6 +217,38 @@ def check_combine_paths_agree(dtype: torch.dtype, num_biases: int, routing: str)
     buf.destroy()
 
 
+def check_dispatch_paths_agree(routing: str, worst_case: bool, fp8: bool) -> None:
+    """The same dispatch (and its cached form) with and without moe_comm._cpu: every output, bitwise."""
+    case = Case(routing=routing, tokens=40, hidden=256, dtype=torch.bfloat16, seed=3)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    buf = Buffer(num_experts=case.experts_per_rank * world)
+    x, idx, w = make_inputs(case, rank, world)
+    payload = per_token_cast_to_fp8(x) if fp8 else x
+    kwargs = dict(topk_idx=idx, topk_weights=w, expert_alignment=4, num_worst_tokens=world * 64 if worst_case else 0)
+    compiled = buf.dispatch(payload, **kwargs)
+    cached = buf.dispatch(payload, handle=compiled.handle)
+    with cpu_kernels.forced_off():
+        fallback = buf.dispatch(payload, **kwargs)
+        fallback_cached = buf.dispatch(payload, handle=fallback.handle)
+    for a, b in ((compiled, fallback), (cached, fallback_cached)):
+        for name in ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens_per_expert_list"):
+            left, right = getattr(a, name), getattr(b, name)
+            if isinstance(left, tuple):
+                left, right = torch.cat([t.view(torch.uint8).flatten() for t in left]), torch.cat([t.view(torch.uint8).flatten() for t in right])
+            elif isinstance(left, torch.Tensor):
+                left, right = left.view(torch.uint8), right.view(torch.uint8)
+            same = torch.equal(left, right) if isinstance(left, torch.Tensor) else left == right
+            assert same, f"rank {rank}: {name} differs"
+    assert torch.equal(compiled.handle.recv_src_idx, fallback.handle.recv_src_idx)
+    buf.destroy()
+
+
+@pytest.mark.parametrize("routing", ["uniform", "zipf", "empty_rank", "masked"])
+@pytest.mark.parametrize("worst_case", [False, True])
+def test_dispatch_compiled_equals_fallback(pool, routing: str, worst_case: bool) -> None:
+    pool.run(check_dispatch_paths_agree, routing, worst_case, routing == "masked")
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("num_biases", [0, 2])
 def test_combine_compiled_equals_fallback(pool, dtype: torch.dtype, num_biases: int) -> None:
@@ -178,3 +258,4 @@ def test_combine_compiled_equals_fallback(pool, dtype: torch.dtype, num_biases: 
 @pytest.mark.parametrize("routing", ["zipf", "one_rank", "empty_rank", "masked"])
 def test_combine_compiled_equals_fallback_routings(pool, routing: str) -> None:
     pool.run(check_combine_paths_agree, torch.bfloat16, 1, routing)
+

@@ -1,4 +1,4 @@
-// moe_comm._cpu: the host-CPU kernel of the portable backend's combine (moe_comm/cpu_kernels.py).
+// moe_comm._cpu, combine's reduction on CPU ranks (moe_comm/cpu_kernels.py).
 //
 // bag_sum: out[t] = round(0 + rows[e_0] + rows[e_1] + ... + bias0[t] + bias1[t]) for the bag of row indices
 // e_i of token t, accumulated in float32 (float64 for float64 rows), added in bag order, rounded once to
@@ -6,31 +6,17 @@
 // and writes each output once. It exists because PyTorch has no such op for bf16/fp16 rows on the CPU: its
 // embedding_bag rounds ties away from zero (fbgemm) or runs at a third of memory speed (ATen).
 //
-// Raw pointers and sizes only (no torch C++ ABI), like moe_comm._C. Shapes: N rows of H elements, T tokens,
-// E bag elements; element_row [E] int64 in [0, N); bag_end [T] int64, non-decreasing, bag_end[T-1] = E.
-#include <pybind11/pybind11.h>
-#include <algorithm>
-#include <cstdint>
+// Shapes: N rows of H elements, T tokens, E bag elements; element_row [E] int64 in [0, N); bag_end [T] int64,
+// non-decreasing, bag_end[T-1] = E.
 #include <cstring>
-#include <stdexcept>
-#include <string>
-#include <thread>
-#include <vector>
 
-namespace py = pybind11;
+#include "common.h"
 
 namespace moe_comm::cpu {
 namespace {
 
 // Same codes as the CUDA kernels' DType (csrc/include/intranode.cuh).
 enum DType : int { kBFloat16 = 0, kFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
-
-// The x86 builds carry AVX-512 and AVX2 versions of the loops, picked at load time; others are compiled once.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__SANITIZE_ADDRESS__)
-#define MC_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MC_VECTOR_CLONES
-#endif
 
 inline uint32_t bits_of(float f) {
   uint32_t u;
@@ -136,13 +122,7 @@ MC_VECTOR_CLONES void bag_sum_tokens(const T* rows, int64_t hidden, const int64_
   }
 }
 
-[[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
-
-void require_pointer(uint64_t address, const char* name) {
-  if (address == 0) fail(std::string(name) + ": null pointer");
-}
-
-template <typename T> T* as_pointer(uint64_t address) { return reinterpret_cast<T*>(static_cast<uintptr_t>(address)); }
+}  // namespace
 
 // Checks the bags against the rows (a bad index is an error naming the argument, never a stray read), then
 // sums them, the tokens split evenly over up to `num_threads` threads.
@@ -189,28 +169,8 @@ void bag_sum(uint64_t rows_address, int dtype, int64_t num_rows, int64_t hidden,
       default: run(double{}, t0, t1); break;
     }
   };
-  // A thread pays for itself only with enough elements to move (about 64K per thread).
-  const int64_t work = (num_elements + num_tokens) * hidden;
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({num_threads, num_tokens, work >> 16}));
-  py::gil_scoped_release released;
-  if (threads == 1) {
-    run_range(0, num_tokens);
-    return;
-  }
-  std::vector<std::thread> pool;
-  for (int64_t i = 1; i < threads; ++i) pool.emplace_back(run_range, num_tokens * i / threads, num_tokens * (i + 1) / threads);
-  run_range(0, num_tokens / threads);
-  for (auto& thread : pool) thread.join();
+  const int64_t element_bytes = dtype == kFloat64 ? 8 : dtype == kFloat32 ? 4 : 2;
+  parallel_for(num_tokens, (num_elements + num_tokens) * hidden * element_bytes, num_threads, run_range);
 }
 
-}  // namespace
 }  // namespace moe_comm::cpu
-
-PYBIND11_MODULE(_cpu, m) {
-  m.doc() = "Host-CPU kernels of moe_comm's portable backend (raw pointers; see moe_comm/cpu_kernels.py).";
-  m.def("bag_sum", &moe_comm::cpu::bag_sum, py::arg("rows"), py::arg("dtype"), py::arg("num_rows"), py::arg("hidden"),
-        py::arg("element_row"), py::arg("num_elements"), py::arg("bag_end"), py::arg("num_tokens"), py::arg("bias0"),
-        py::arg("bias1"), py::arg("out"), py::arg("num_threads"),
-        "out[t] = round(sum of rows[element_row[bag_end[t-1]:bag_end[t]]] + bias0[t] + bias1[t]), accumulated in "
-        "float32 (float64 for float64) in bag order, rounded once to nearest even.");
-}

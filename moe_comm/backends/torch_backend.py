@@ -253,25 +253,36 @@ class TorchBackend(CommBackend):
         recv_topk_idx: torch.Tensor | None,
         recv_topk_weights: torch.Tensor | None,
         row_valid: torch.Tensor | None,
+        count_experts: bool = False,
     ) -> torch.Tensor | None:
         """Fill the received top-k outputs in place: local expert ids, weights zeroed elsewhere.
 
         Returns:
-            ``[N * K]`` int64 local expert ids plus one (0 where the expert is not local), for counting
-            experts with one ``bincount``; ``None`` without top-k ids.
+            With ``count_experts``, ``[experts_per_rank]`` int64: the received (row, k) entries naming each
+            local expert; else ``None`` (also without top-k ids).
         """
-        shifted = None
-        if recv_topk_idx is not None:
-            shifted = self._local_expert_ids_plus_one(side.view(packed, "topk_idx"), request.num_experts)
-            if row_valid is not None:
-                shifted.view(recv_topk_idx.shape).mul_(row_valid.unsqueeze(1))
-            torch.sub(shifted.view(recv_topk_idx.shape), 1, out=recv_topk_idx)
-        if recv_topk_weights is not None:
-            assert shifted is not None, "the Buffer accepts topk_weights only with topk_idx"
-            weights = side.view(packed, "topk_weights")
+        assert recv_topk_idx is not None or recv_topk_weights is None, "the Buffer accepts topk_weights only with topk_idx"
+        if recv_topk_idx is None:
+            return None
+        experts_per_rank = request.num_experts // self._world
+        ids = side.view(packed, "topk_idx")
+        weights = side.view(packed, "topk_weights") if recv_topk_weights is not None else None
+        if row_valid is None and packed.device.type == "cpu" and cpu_kernels.available()[0]:
+            counts = cpu_kernels.localize_topk(
+                ids, weights, self.context.rank * experts_per_rank, experts_per_rank, recv_topk_idx, recv_topk_weights
+            )
+            return counts if count_experts else None
+        shifted = self._local_expert_ids_plus_one(ids, request.num_experts)
+        if row_valid is not None:
+            shifted.view(recv_topk_idx.shape).mul_(row_valid.unsqueeze(1))
+        torch.sub(shifted.view(recv_topk_idx.shape), 1, out=recv_topk_idx)
+        if recv_topk_weights is not None and weights is not None:
             zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
             torch.where(shifted.view(recv_topk_weights.shape) > 0, weights, zero, out=recv_topk_weights)
-        return shifted
+        if not count_experts:
+            return None
+        # Ids shifted by one: experts that are not local land in bin 0, no boolean mask needed.
+        return torch.bincount(shifted, minlength=experts_per_rank + 1)[1:]
 
     def _local_expert_ids_plus_one(self, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
         """``[N, K]`` global ids (any integer dtype) -> flat ``[N * K]`` int64 local id + 1, 0 elsewhere.
@@ -440,12 +451,11 @@ class TorchBackend(CommBackend):
                 handle.recv_src_idx.copy_(side.view(recv_side, "src_idx").squeeze(1))
             if recv_scales is not None:
                 recv_scales.copy_(side.view(recv_side, "scales"))
-            shifted = self._unpack_topk(side, recv_side, request, recv_topk_idx, recv_topk_weights, None)
+            counts = self._unpack_topk(
+                side, recv_side, request, recv_topk_idx, recv_topk_weights, None, count_experts_on_arrival
+            )
             if count_experts_on_arrival:
-                assert shifted is not None
-                experts_per_rank = request.num_experts // world
-                # Ids shifted by one: experts that are not local land in bin 0, no boolean mask needed.
-                counts = torch.bincount(shifted, minlength=experts_per_rank + 1)[1:]
+                assert counts is not None
                 expert_counts.extend(pad_to_alignment(counts, request.expert_alignment).tolist())
 
         return DispatchOutput(

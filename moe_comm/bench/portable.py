@@ -53,7 +53,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda_device": None,
-        "cpu_kernels": cpu_kernels.available()[1],  # which combine reduction CPU ranks ran
+        "cpu_kernels": cpu_kernels.available()[1],  # whether CPU ranks ran moe_comm._cpu or the PyTorch code
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
