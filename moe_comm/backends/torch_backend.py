@@ -636,8 +636,12 @@ class TorchBackend(CommBackend):
         token_of_row = handle.send_token_idx
         pieces = [(token_of_row[a:b], a, b) for a, b in segments]
         if device.type != "cpu":
-            return self._reduce_at_source(ctx, works, request, back_x, back_w, pieces, "payload all_to_all")
-        return self._reduce_in_bags(ctx, works, request, back_x, back_w, pieces, "payload all_to_all")
+            reduce = self._reduce_at_source
+        elif cpu_kernels.available()[0]:
+            reduce = self._reduce_compiled
+        else:
+            reduce = self._reduce_in_bags
+        return reduce(ctx, works, request, back_x, back_w, pieces, "payload all_to_all")
 
     def _reduce_in_bags(
         self,
@@ -667,8 +671,6 @@ class TorchBackend(CommBackend):
         device = x.device
         acc_dtype = _accumulation_dtype(x.dtype)
         biases = [b for b in request.bias if b is not None]
-        if cpu_kernels.available()[0]:
-            return self._reduce_compiled(ctx, works, request, back_x, back_w, pieces, step)
         members = torch.cat(
             [handle.is_token_in_rank.to(device), torch.ones(num_tokens, len(biases), dtype=torch.bool, device=device)], dim=1
         )  # [T, R + biases]: the elements of each token's bag, in summation order
