@@ -79,6 +79,17 @@ def _host_cxx() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
+def _accepted_flags(cxx: str, flags: list[str]) -> list[str]:
+    """The ``flags`` that ``cxx`` compiles an empty program with (GCC-only tuning flags are left out elsewhere)."""
+    accepted = []
+    for flag in flags:
+        probe = subprocess.run([cxx, "-x", "c++", "-c", "-o", os.devnull, "-Werror", flag, "-"], input=b"",
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        if probe.returncode == 0:
+            accepted.append(flag)
+    return accepted
+
+
 def _object_path(build_tmp: Path, src: str) -> Path:
     """Where the object of source ``src`` goes (``kernels/layout.cu`` -> ``layout_cu.o``)."""
     return build_tmp / (Path(src).stem + Path(src).suffix.replace(".", "_") + ".o")
@@ -186,8 +197,11 @@ class MoeCommBuildExt(build_ext):
         build_tmp = Path(self.build_temp) / "moe_comm_cpu"
         build_tmp.mkdir(parents=True, exist_ok=True)
         # -ffp-contract=off: the sums must be exactly the reference's adds (there is nothing to fuse, but no
-        # compiler default may change that).
+        # compiler default may change that). The other two only let the loops vectorise (docs/
+        # portable-cpu-performance.md): -fno-loop-unroll-and-jam keeps the adds over a bag's rows from being
+        # jammed into scalar code; -fno-trapping-math lets the fp16 conversion's float work be if-converted.
         flags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off",
+                 *_accepted_flags(cxx, ["-fno-loop-unroll-and-jam", "-fno-trapping-math"]),
                  f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
         objects = [str(_object_path(build_tmp, src)) for src in ext.sources]
         _run_parallel([[cxx, "-c", "-x", "c++", str(src), "-o", obj, *flags] for src, obj in zip(ext.sources, objects, strict=True)])

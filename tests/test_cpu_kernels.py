@@ -66,6 +66,20 @@ def test_every_16_bit_value_round_trips(dtype: torch.dtype) -> None:
     assert same_bits(out, (torch.zeros((), dtype=torch.float32) + values.float()).to(dtype))
 
 
+def test_fp16_conversions_hold_under_flush_to_zero() -> None:
+    """fp16 subnormals never become float32 subnormals on the way, so flushing those changes nothing."""
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(-1, 64)
+    bags = [[i] for i in range(values.shape[0])]
+    expected = run_bags(values, bags, [])
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        flushed = run_bags(values, bags, [])
+    finally:
+        torch.set_flush_denormal(False)
+    assert same_bits(flushed, expected)
+
+
 @pytest.mark.parametrize("dtype", REDUCED)
 def test_float32_rounding_matches_torch_casts(dtype: torch.dtype) -> None:
     """An empty bag plus a float32 bias is the bias rounded: random bit patterns and the hard cases."""

@@ -8,6 +8,7 @@
 //
 // Shapes: N rows of H elements, T tokens, E bag elements; element_row [E] int64 in [0, N); bag_end [T] int64,
 // non-decreasing, bag_end[T-1] = E.
+#include <algorithm>
 #include <cstring>
 
 #include "common.h"
@@ -41,17 +42,22 @@ template <> struct Acc<double> { using type = double; };
 
 inline float to_acc(BFloat16 x) { return float_of(uint32_t(x.bits) << 16); }
 
+// The conversions are written without branches (each case computed, then selected) so that the loops
+// over a row vectorise, and without float32 subnormals so that they hold under flush-to-zero modes.
+
 // Exact: every fp16 value is a float32 value.
 inline float to_acc(Float16 x) {
-  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16;
-  const uint32_t exponent = (x.bits >> 10) & 0x1fu;
-  const uint32_t mantissa = x.bits & 0x3ffu;
-  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in float32
-    const float magnitude = float(mantissa) * float_of(0x33800000u);
-    return float_of(sign | bits_of(magnitude));
-  }
-  if (exponent == 0x1f) return float_of(sign | 0x7f800000u | (mantissa << 13));  // inf, NaN
-  return float_of(sign | ((exponent + 112) << 23) | (mantissa << 13));
+  const uint32_t h = x.bits;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t exponent = h & 0x7c00u;
+  // Normal, inf and NaN: move exponent and mantissa up 13 bits and rebias the exponent (15 -> 127); the
+  // all-ones exponent (inf, NaN) needs twice the bias to reach 255.
+  const uint32_t shifted = (h & 0x7fffu) << 13;
+  const uint32_t normal = shifted + (exponent == 0x7c00u ? 0x70000000u : 0x38000000u);
+  // Zero and subnormals, mantissa * 2^-24: read the mantissa as that of 2^-14 (1 + mantissa / 1024), then
+  // take 2^-14 away; both operands and the result are normal float32 numbers (or zero), the result exact.
+  const uint32_t subnormal = bits_of(float_of(shifted + 0x38800000u) - float_of(0x38800000u));
+  return float_of(sign | (exponent == 0 ? subnormal : normal));
 }
 inline float to_acc(float x) { return x; }
 inline double to_acc(double x) { return x; }
@@ -61,30 +67,28 @@ template <typename T> T from_acc(typename Acc<T>::type x);
 // Round to nearest even on the 16 bits dropped; NaN becomes the canonical quiet NaN.
 template <> inline BFloat16 from_acc<BFloat16>(float x) {
   const uint32_t u = bits_of(x);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return {0x7fc0};
-  return {uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return {uint16_t((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded)};
 }
 
 template <> inline Float16 from_acc<Float16>(float x) {
   const uint32_t u = bits_of(x);
-  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return {uint16_t(sign | 0x7e00u)};        // NaN
-  if (a >= 0x477ff000u) return {uint16_t(sign | 0x7c00u)};       // >= 65520 rounds to infinity
-  if (a >= 0x38800000u) {                                        // a normal fp16 (>= 2^-14)
-    const uint32_t rounded = a + 0xfffu + ((a >> 13) & 1u);       // nearest even at bit 13
-    return {uint16_t(sign | ((rounded - 0x38000000u) >> 13))};   // rebias the exponent from 127 to 15
-  }
-  if (a <= 0x33000000u) return {sign};                           // <= 2^-25: rounds to zero (the tie too)
-  // A subnormal fp16: the value in units of 2^-24 is mantissa_with_one * 2^(exponent - 126).
+  // A normal fp16 (|x| >= 2^-14): nearest even at bit 13, exponent rebiased from 127 to 15.
+  const uint32_t normal = (a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13;
+  // Below: the value in units of 2^-24 is mantissa_with_one / 2^(126 - exponent), rounded to nearest even
+  // by the same add-then-shift; the shift is kept in [1, 31] (lanes where it would leave that range are not
+  // selected, or round to zero at 31, float32 subnormals included). A carry into the smallest normal is the
+  // right answer.
   const uint32_t exponent = a >> 23;
+  const uint32_t shift = exponent >= 95u ? 126u - std::min(exponent, 125u) : 31u;
   const uint32_t mantissa = (a & 0x7fffffu) | 0x800000u;
-  const uint32_t shift = 126 - exponent;  // 14..24 here
-  uint32_t q = mantissa >> shift;
-  const uint32_t rest = mantissa & ((1u << shift) - 1);
-  const uint32_t half = 1u << (shift - 1);
-  if (rest > half || (rest == half && (q & 1u))) ++q;  // may carry into the smallest normal, as it should
-  return {uint16_t(sign | q)};
+  const uint32_t subnormal = (mantissa + (1u << (shift - 1u)) - 1u + ((mantissa >> shift) & 1u)) >> shift;
+  uint32_t magnitude = a >= 0x38800000u ? normal : subnormal;
+  magnitude = a >= 0x477ff000u ? 0x7c00u : magnitude;  // >= 65520 rounds to infinity
+  magnitude = a > 0x7f800000u ? 0x7e00u : magnitude;   // NaN
+  return {uint16_t(sign | magnitude)};
 }
 template <> inline float from_acc<float>(float x) { return x; }
 template <> inline double from_acc<double>(double x) { return x; }
@@ -92,31 +96,28 @@ template <> inline double from_acc<double>(double x) { return x; }
 // Elements of a row summed at a time: the accumulator stays in L1 while a token's rows stream through.
 constexpr int64_t kTile = 512;
 
+template <typename T, typename AccT>
+inline void add_row(AccT* __restrict acc, const T* __restrict row, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) acc[c] += to_acc(row[c]);
+}
+
 template <typename T>
 MC_VECTOR_CLONES void bag_sum_tokens(const T* rows, int64_t hidden, const int64_t* element_row, const int64_t* bag_end,
                                      const typename Acc<T>::type* bias0, const typename Acc<T>::type* bias1,
                                      T* out, int64_t t0, int64_t t1) {
   using AccT = typename Acc<T>::type;
-  AccT acc[kTile];
+  alignas(64) AccT acc[kTile];
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t e0 = t == 0 ? 0 : bag_end[t - 1];
     const int64_t e1 = bag_end[t];
     for (int64_t c0 = 0; c0 < hidden; c0 += kTile) {
       const int64_t n = std::min(kTile, hidden - c0);
       for (int64_t c = 0; c < n; ++c) acc[c] = AccT(0);
-      for (int64_t e = e0; e < e1; ++e) {
-        const T* row = rows + element_row[e] * hidden + c0;
-        for (int64_t c = 0; c < n; ++c) acc[c] += to_acc(row[c]);
-      }
-      if (bias0 != nullptr) {
-        const AccT* b = bias0 + t * hidden + c0;
-        for (int64_t c = 0; c < n; ++c) acc[c] += b[c];
-      }
-      if (bias1 != nullptr) {
-        const AccT* b = bias1 + t * hidden + c0;
-        for (int64_t c = 0; c < n; ++c) acc[c] += b[c];
-      }
-      T* o = out + t * hidden + c0;
+      // One row at a time; built with -fno-loop-unroll-and-jam, which would scalarise these adds (setup.py).
+      for (int64_t e = e0; e < e1; ++e) add_row(acc, rows + element_row[e] * hidden + c0, n);
+      if (bias0 != nullptr) add_row(acc, bias0 + t * hidden + c0, n);
+      if (bias1 != nullptr) add_row(acc, bias1 + t * hidden + c0, n);
+      T* __restrict o = out + t * hidden + c0;
       for (int64_t c = 0; c < n; ++c) o[c] = from_acc<T>(acc[c]);
     }
   }
