@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for the GPU machine: build, GPU tests, sanitizers, CUDA bench; logs + summary under OUTDIR.
-# Usage: scripts/gpu_check.sh OUTDIR      (python3 on PATH, no venv, no network; total <= GPU_CHECK_BUDGET_S, default 540)
+# Usage: scripts/gpu_check.sh OUTDIR      (python3 on PATH, no venv, no network; total <= GPU_CHECK_BUDGET_S,
+# default 420 s: with a machine's start, twice that fits the 15 minutes of device time a task gets)
 # Afterwards, on the development machine: python scripts/record_gpu_run.py OUTDIR "<device name>" writes the
 # benchmarks/results JSON and prints a docs/gpu-log.md draft.
 # Writes at most 10 files directly in OUTDIR: build.log tests.log junit.xml sanitizer.log bench.log
@@ -18,7 +19,7 @@ export MOE_COMM_SKIP_SIMT="${MOE_COMM_SKIP_SIMT:-1}"
 declare -A RC
 START=$(date +%s)
 
-BUDGET_S="${GPU_CHECK_BUDGET_S:-540}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-420}"
 
 step() {  # step NAME LIMIT_S LOGFILE CMD...
   local name="$1" limit="$2" log="$3"; shift 3
