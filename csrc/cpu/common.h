@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <exception>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -35,10 +36,17 @@ template <typename Fn> void parallel_for(int64_t num_items, int64_t bytes, int n
     fn(int64_t(0), num_items);
     return;
   }
+  const auto first = [&](int64_t part) { return num_items * part / threads; };
   std::vector<std::thread> pool;
-  pool.reserve(size_t(threads - 1));
-  for (int64_t i = 1; i < threads; ++i) pool.emplace_back(fn, num_items * i / threads, num_items * (i + 1) / threads);
-  fn(int64_t(0), num_items / threads);
+  int64_t started = 1;
+  try {
+    pool.reserve(size_t(threads - 1));
+    for (; started < threads; ++started) pool.emplace_back(fn, first(started), first(started + 1));
+  } catch (const std::exception&) {
+    // No more threads to be had (std::system_error, std::bad_alloc): this thread does the parts left over.
+  }
+  for (int64_t part = started; part < threads; ++part) fn(first(part), first(part + 1));
+  fn(int64_t(0), first(1));
   for (auto& thread : pool) thread.join();
 }
 
