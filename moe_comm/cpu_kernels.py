@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 from collections.abc import Iterator, Sequence
 from types import ModuleType
@@ -28,10 +29,20 @@ _forced_off = os.environ.get("MOE_COMM_CPU_KERNELS", "1") == "0"
 
 
 def _load() -> ModuleType | None:
+    """``moe_comm._cpu``, or the build at ``$MOE_COMM_CPU_MODULE`` (scripts/cpu_asan.sh: a sanitizer build)."""
     global _module, _import_error
     if _module is None and _import_error is None:
+        path = os.environ.get("MOE_COMM_CPU_MODULE")
         try:
-            _module = importlib.import_module("moe_comm._cpu")
+            if path:
+                spec = importlib.util.spec_from_file_location("moe_comm._cpu", path)
+                if spec is None or spec.loader is None:
+                    raise ImportError(f"MOE_COMM_CPU_MODULE={path}: not an extension module")
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                _module = module
+            else:
+                _module = importlib.import_module("moe_comm._cpu")
         except ImportError as exc:
             _import_error = str(exc)
     return _module

@@ -8,6 +8,10 @@ loop; bad arguments. Then dispatch and combine on 3 gloo ranks, compiled vs the 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -273,3 +277,11 @@ def test_combine_compiled_equals_fallback(pool, dtype: torch.dtype, num_biases: 
 def test_combine_compiled_equals_fallback_routings(pool, routing: str) -> None:
     pool.run(check_combine_paths_agree, torch.bfloat16, 1, routing)
 
+
+
+def test_a_bad_module_override_is_reported_not_raised() -> None:
+    """``MOE_COMM_CPU_MODULE`` (sanitizer builds) naming no extension leaves the PyTorch path, with the reason."""
+    probe = "from moe_comm import cpu_kernels; ok, why = cpu_kernels.available(); print(ok, why)"
+    env = {**os.environ, "MOE_COMM_CPU_MODULE": "/nonexistent/_cpu.so"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("False") and "/nonexistent/_cpu.so" in out
