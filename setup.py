@@ -80,7 +80,8 @@ def _host_cxx() -> str | None:
 
 
 def _accepted_flags(cxx: str, flags: list[str]) -> list[str]:
-    """The ``flags`` that ``cxx`` compiles an empty program with (GCC-only tuning flags are left out elsewhere)."""
+    """The ``flags`` that ``cxx`` accepts (it compiles an empty program with each): GCC's tuning flags drop out
+    on compilers that lack them."""
     accepted = []
     for flag in flags:
         probe = subprocess.run([cxx, "-x", "c++", "-c", "-o", os.devnull, "-Werror", flag, "-"], input=b"",
@@ -169,21 +170,20 @@ class MoeCommBuildExt(build_ext):
         sanitize = os.environ.get("MOE_COMM_SIMT_SANITIZE", "")
         if sanitize:
             flags = [f if f != "-O2" else "-O1" for f in flags] + [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
-        build_tmp = Path(self.build_temp) / "moe_comm_C_simt"
+        self._build_host(ext, cxx, flags, [*cuda_libs, "-l:libcudart_static.a", "-lrt", "-lpthread", "-ldl",
+                                           *([f"-fsanitize={sanitize}"] if sanitize else [])])
+
+    def _build_host(self, ext: Extension, cxx: str, flags: list[str], link_args: list[str]) -> None:
+        """Compile ``ext``'s sources as C++ with ``cxx`` and ``flags`` (in parallel), link them with ``link_args``."""
+        build_tmp = Path(self.build_temp) / ext.name.replace(".", "_")
         build_tmp.mkdir(parents=True, exist_ok=True)
-        commands, objects = [], []
-        for src in ext.sources:
-            obj = _object_path(build_tmp, src)
-            commands.append([cxx, "-c", "-x", "c++", str(src), "-o", str(obj), *flags])
-            objects.append(str(obj))
-        _run_parallel(commands)
+        objects = [str(_object_path(build_tmp, src)) for src in ext.sources]
+        _run_parallel([[cxx, "-c", "-x", "c++", str(src), "-o", obj, *flags] for src, obj in zip(ext.sources, objects, strict=True)])
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
-        link = [cxx, "-shared", "-o", str(out), *objects, *cuda_libs, "-l:libcudart_static.a", "-lrt",
-                "-lpthread", "-ldl", *([f"-fsanitize={sanitize}"] if sanitize else [])]
+        link = [cxx, "-shared", "-o", str(out), *objects, *link_args]
         print(" ".join(link), flush=True)
         subprocess.check_call(link)
-
 
     def _build_cpu(self, ext: Extension) -> None:
         """``moe_comm._cpu``: plain host C++; skipped (the backend falls back) when there is no compiler, but a
@@ -194,8 +194,6 @@ class MoeCommBuildExt(build_ext):
             return
         import pybind11
 
-        build_tmp = Path(self.build_temp) / "moe_comm_cpu"
-        build_tmp.mkdir(parents=True, exist_ok=True)
         # -ffp-contract=off: the sums must be exactly the reference's adds (there is nothing to fuse, but no
         # compiler default may change that). The other two only let the loops vectorise (docs/
         # portable-cpu-performance.md): -fno-loop-unroll-and-jam keeps the adds over a bag's rows from being
@@ -203,13 +201,7 @@ class MoeCommBuildExt(build_ext):
         flags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off",
                  *_accepted_flags(cxx, ["-fno-loop-unroll-and-jam", "-fno-trapping-math"]),
                  f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
-        objects = [str(_object_path(build_tmp, src)) for src in ext.sources]
-        _run_parallel([[cxx, "-c", "-x", "c++", str(src), "-o", obj, *flags] for src, obj in zip(ext.sources, objects, strict=True)])
-        out = Path(self.get_ext_fullpath(ext.name))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        link = [cxx, "-shared", "-o", str(out), *objects, "-lpthread"]
-        print(" ".join(link), flush=True)
-        subprocess.check_call(link)
+        self._build_host(ext, cxx, flags, ["-lpthread"])
 
 
 def _extensions() -> tuple[list[Extension], dict]:
