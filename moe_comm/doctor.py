@@ -80,6 +80,16 @@ def _cpu_kernels() -> list[Check]:
                   "reinstall with a C++ compiler (pip install -e .); without it CPU ranks use slower PyTorch code, same results")]
 
 
+def _host_memory() -> list[Check]:
+    from moe_comm import host_memory
+
+    usable, reason = host_memory.huge_pages_available()
+    if usable:
+        return [Check("huge-page host outputs", "ok", reason)]
+    return [Check("huge-page host outputs", "skip", reason,
+                  "large CPU outputs then fault once per 4 KiB page (slower above 32 MiB), same results")]
+
+
 def _gpus() -> list[Check]:
     if not torch.cuda.is_available():
         return [Check("GPUs", "skip", "no CUDA device visible", "none needed for the portable backend on CPU"),
@@ -187,6 +197,7 @@ SECTIONS: list[tuple[str, Callable[[], list[Check]]]] = [
     ("versions", _versions),
     ("extension", _extension),
     ("cpu kernels", _cpu_kernels),
+    ("host memory", _host_memory),
     ("gpus", _gpus),
     ("launcher", _launcher),
     ("backends", _backends),

@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from moe_comm import cpu_kernels
+from moe_comm import cpu_kernels, host_memory
 from moe_comm.backends.base import (
     BackendContext,
     CombineOutput,
@@ -182,7 +182,7 @@ class _ScratchPool:
             return torch.empty(shape, dtype=dtype, device=device)
         nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
         fits = [i for i, b in enumerate(self._free) if nbytes <= b.numel() <= 2 * nbytes + (1 << 16)]
-        raw = self._free.pop(min(fits, key=lambda i: self._free[i].numel())) if fits else torch.empty(nbytes, dtype=torch.uint8)
+        raw = self._free.pop(min(fits, key=lambda i: self._free[i].numel())) if fits else host_memory.empty(nbytes, dtype=torch.uint8)
         return raw[:nbytes].view(dtype).view(shape)
 
     def give(self, *tensors: torch.Tensor | None) -> None:
@@ -340,7 +340,7 @@ class TorchBackend(CommBackend):
             expert_counts = cached.num_recv_tokens_per_expert_list
 
         num_recv = sum(recv_counts)
-        recv_x = torch.empty(num_recv, hidden, dtype=x.dtype, device=device)
+        recv_x = host_memory.empty(num_recv, hidden, dtype=x.dtype, device=device)
         send_at, recv_at = _offsets(send_counts), _offsets(recv_counts)
         peers = [(rank + step) % world for step in range(1, world)]
         exchange = PeerExchange(ctx)
@@ -496,7 +496,7 @@ class TorchBackend(CommBackend):
             send_x = torch.zeros(world * block, hidden, dtype=x.dtype, device=device)
         else:
             send_x = x.index_select(0, flat_idx)
-        recv_blocks = torch.empty(world * block, hidden, dtype=x.dtype, device=device)
+        recv_blocks = host_memory.empty(world * block, hidden, dtype=x.dtype, device=device)
         works = [all_to_all_rows(ctx, recv_blocks, send_x, None, None)]
 
         fields = self._side_fields(request, with_src=cached is None)
@@ -524,7 +524,7 @@ class TorchBackend(CommBackend):
 
         rows = request.num_worst_tokens
         k = request.topk_idx.shape[1] if request.topk_idx is not None else 0
-        recv_x = torch.zeros(rows, hidden, dtype=x.dtype, device=device)
+        recv_x = host_memory.zeros(rows, hidden, dtype=x.dtype, device=device)
         recv_scales = (
             torch.zeros(rows, request.x_scales.shape[1], dtype=torch.float32, device=device)
             if request.x_scales is not None
@@ -698,7 +698,7 @@ class TorchBackend(CommBackend):
         starts = list(range(0, num_tokens, block))
         bounds = rank_rows[starts + [num_tokens]].tolist() if num_tokens else []
         element_bounds = [0] + bag_end[[min(s + block, num_tokens) - 1 for s in starts]].tolist() if num_tokens else []
-        combined = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
+        combined = host_memory.empty(num_tokens, hidden, dtype=x.dtype, device=device)
         combined_w = None
         if back_w is not None:
             combined_w = torch.empty(num_tokens, back_w.shape[1], dtype=torch.float32, device=device)
@@ -767,7 +767,7 @@ class TorchBackend(CommBackend):
         bag_end = in_rank.sum(dim=1, dtype=torch.int64).cumsum(dim=0)
         acc_dtype = _accumulation_dtype(x.dtype)
         biases = [b.to(acc_dtype).contiguous() for b in request.bias if b is not None]
-        combined = torch.empty(handle.num_tokens, x.shape[1], dtype=x.dtype, device=x.device)
+        combined = host_memory.empty(handle.num_tokens, x.shape[1], dtype=x.dtype, device=x.device)
         combined_w = None
         if back_w is not None:
             combined_w = torch.empty(handle.num_tokens, back_w.shape[1], dtype=torch.float32, device=x.device)
@@ -828,7 +828,7 @@ class TorchBackend(CommBackend):
         num_tokens = handle.num_tokens
         acc_dtype = _accumulation_dtype(x.dtype)
         extra = 1 if spare_row else 0
-        combined = torch.empty(num_tokens, x.shape[1], dtype=x.dtype, device=x.device)
+        combined = host_memory.empty(num_tokens, x.shape[1], dtype=x.dtype, device=x.device)
         combined_w = None
         if back_w is not None:
             combined_w = torch.empty(num_tokens, back_w.shape[1], dtype=torch.float32, device=x.device)
@@ -883,7 +883,7 @@ class TorchBackend(CommBackend):
         pad = max_tokens - num_tokens
         send_x = torch.nn.functional.pad(payload.view(torch.uint8), (0, 0, 0, pad)) if pad else payload.view(torch.uint8)
         send_idx = torch.nn.functional.pad(topk_idx, (0, 0, 0, pad), value=-1) if pad else topk_idx
-        gathered_x = torch.empty(slots, send_x.shape[1], dtype=torch.uint8, device=device)
+        gathered_x = host_memory.empty(slots, send_x.shape[1], dtype=torch.uint8, device=device)
         gathered_idx = torch.empty(slots, num_topk, dtype=torch.int64, device=device)
         works = [all_gather_rows(ctx, gathered_x, send_x.contiguous()), all_gather_rows(ctx, gathered_idx, send_idx.contiguous())]
         gathered_scales = None
@@ -893,7 +893,7 @@ class TorchBackend(CommBackend):
             works.append(all_gather_rows(ctx, gathered_scales, send_scales.contiguous()))
 
         out_dtype = FP8_DTYPE if use_fp8 else x.dtype
-        recv_x = torch.empty(experts_per_rank, slots, hidden, dtype=out_dtype, device=device)
+        recv_x = host_memory.empty(experts_per_rank, slots, hidden, dtype=out_dtype, device=device)
         recv_scales = (
             torch.empty(experts_per_rank, slots, scales.shape[1], dtype=torch.float32, device=device)
             if scales is not None
@@ -982,15 +982,15 @@ class TorchBackend(CommBackend):
         # Weighted partial sum of this rank's experts for every (source rank, token), in top-k order.
         slot_of = state["slot_of"]  # [R*M, K]
         rows = x.reshape(-1, hidden)
-        partial = torch.zeros(slots, hidden, dtype=torch.float32, device=device)
+        partial = host_memory.zeros(slots, hidden, dtype=torch.float32, device=device)
         for k in range(slot_of.shape[1]):
             hit = slot_of[:, k] >= 0
             picked = rows.index_select(0, slot_of[:, k].clamp_min(0)).float()
             weight = torch.where(hit, gathered_w[:, k], torch.zeros_like(gathered_w[:, k]))
             partial.addcmul_(picked, weight.unsqueeze(1))
-        returned = torch.empty(slots, hidden, dtype=torch.float32, device=device)
+        returned = host_memory.empty(slots, hidden, dtype=torch.float32, device=device)
         works = [all_to_all_rows(ctx, returned, partial, None, None)]
-        combined = out if out is not None else torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
+        combined = out if out is not None else host_memory.empty(num_tokens, hidden, dtype=x.dtype, device=device)
 
         def receive() -> None:
             wait_all(ctx, works, "low-latency partial-sum all_to_all")

@@ -67,6 +67,12 @@ def _print_table(records: list[dict[str, Any]]) -> None:
                 f"{100 * r['host_cpu_load']:.0f}% of {r['host_cpu_count']} cores busy ({100 * r['baseline_host_cpu_load']:.0f}% in the a2a)"
             )
     for r in records:
+        if "baseline_prealloc_time_s_median" in r:
+            print(
+                f"{r['op']} vs the a2a into a preallocated output: {r['baseline_prealloc_time_s_median'] * 1e3:.2f} ms, "
+                f"{r['ratio_to_prealloc_baseline']:.2f} x (the a2a above allocates its output per call)"
+            )
+    for r in records:
         if "floor_time_s_median" in r:
             print(
                 f"{r['op']} floor (count round + row gather + the a2a): {r['floor_time_s_median'] * 1e3:.2f} ms = "

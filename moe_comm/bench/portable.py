@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_comm import cpu_kernels
+from moe_comm import cpu_kernels, host_memory
 from moe_comm.bench.timing import time_interleaved
 from moe_comm.buffer import Buffer
 from moe_comm.collectives import StepContext, all_gather_rows, wait_all
@@ -54,6 +54,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda_device": None,
         "cpu_kernels": cpu_kernels.available()[1],  # whether CPU ranks ran moe_comm._cpu or the PyTorch code
+        "host_huge_pages": host_memory.huge_pages_available()[1],  # large CPU outputs on 2 MiB pages or not
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -149,6 +150,19 @@ def run_portable_suite(shape: BenchShape, backend: str = "torch") -> list[dict[s
         back_recv = torch.empty(sum(send_counts), 2 * shape.hidden, dtype=torch.uint8, device=device)
         dist.all_to_all_single(back_recv, back_send, send_counts, recv_counts)
 
+    # The transfer alone, into outputs allocated once. On CPU a fresh output above glibc's mmap threshold
+    # (32 MiB at most) is mapped anew, so its pages fault and are zeroed on every call: the baselines above
+    # pay that, as does dispatch for its recv_x (a new tensor per call), while combine receives into reused
+    # scratch. These records show how much of a ratio that accounts for.
+    dispatch_out = torch.empty(sum(recv_counts), row_bytes, dtype=torch.uint8, device=device)
+    combine_out = torch.empty(sum(send_counts), 2 * shape.hidden, dtype=torch.uint8, device=device)
+
+    def raw_dispatch_prealloc() -> None:
+        dist.all_to_all_single(dispatch_out, send_rows, recv_counts, send_counts)
+
+    def raw_combine_prealloc() -> None:
+        dist.all_to_all_single(combine_out, back_send, send_counts, recv_counts)
+
     ops = {
         "dispatch": lambda: buf.dispatch(payload, **layout_kwargs),
         "dispatch_baseline": raw_dispatch,
@@ -157,6 +171,8 @@ def run_portable_suite(shape: BenchShape, backend: str = "torch") -> list[dict[s
         "cached_dispatch_baseline": raw_dispatch,
         "combine": lambda: buf.combine(expert_out, handle),
         "combine_baseline": raw_combine,
+        "dispatch_baseline_prealloc": raw_dispatch_prealloc,
+        "combine_baseline_prealloc": raw_combine_prealloc,
     }
     times = time_interleaved(ops, device=device, warmup=shape.warmup, iters=shape.iters)
     dispatch_bytes = _bytes_per_rank(tuple(recv_counts), rank, row_bytes, None)
@@ -178,6 +194,7 @@ def run_portable_suite(shape: BenchShape, backend: str = "torch") -> list[dict[s
         ("combine", "bfloat16", combine_bytes),
     ):
         t, base = times[op], times[f"{op}_baseline"]
+        prealloc = times["combine_baseline_prealloc" if op == "combine" else "dispatch_baseline_prealloc"]
         ratio = t["median"] / base["median"]
         # The op and its baseline run back to back in every iteration, so machine noise (other ranks'
         # scheduling on an oversubscribed host) hits both; the median of the per-iteration ratios is the
@@ -210,6 +227,10 @@ def run_portable_suite(shape: BenchShape, backend: str = "torch") -> list[dict[s
                 baseline_time_s_median=base["median"],
                 ratio_to_baseline=ratio,
                 ratio_paired_median=paired,
+                baseline_prealloc="the same all_to_all_single into an output allocated once (the transfer alone)",
+                baseline_prealloc_time_s_median=prealloc["median"],
+                ratio_to_prealloc_baseline=t["median"] / prealloc["median"],
+                baseline_prealloc_time_s_samples=prealloc["samples"],
                 time_s_samples=t["samples"],
                 baseline_time_s_samples=base["samples"],
                 cpu_time_s_median=t["cpu_median"],
