@@ -14,16 +14,23 @@ Mapped anonymously and advised ``MADV_HUGEPAGE``, it faults once per 2 MiB inste
 The tensor holds the mapping (``torch.frombuffer``), which is unmapped when the last tensor or view of it
 dies. Its storage cannot grow: ``resize_`` to more elements raises (``torch.empty``'s would reallocate).
 
-Environment: ``MOE_COMM_HUGE_PAGES=0`` turns this off; ``MOE_COMM_HUGE_PAGE_MIN_BYTES`` sets the size from
-which it applies. The default, 32 MiB, is glibc's largest mmap threshold: below it glibc's heap recycles freed
-memory without faults, and a fresh mapping, zeroed 2 MiB at a time, costs more than it saves (dispatch at
-hidden 1024, 30 MiB outputs: 4.4 ms more CPU per rank mapped than from the heap).
+Not where a virtio balloon reports free pages to the hypervisor (``VIRTIO_BALLOON_F_REPORTING``): there a
+freed huge page goes back to the host at once and faults through it again when reused. On such a VM (the
+development VMs report every free block of 128 KiB at once) dispatch at hidden 7168 took 1050 ms with huge
+pages against 453 ms without; with the VM's reporting held back 10 s it took 231 ms against 392 ms.
+
+Environment: ``MOE_COMM_HUGE_PAGES=0`` turns this off, ``=1`` on even where free pages are reported;
+``MOE_COMM_HUGE_PAGE_MIN_BYTES`` sets the size from which it applies. The default, 32 MiB, is glibc's largest
+mmap threshold: below it glibc's heap recycles freed memory without faults, and a fresh mapping, zeroed 2 MiB
+at a time, costs more than it saves (dispatch at hidden 1024, 30 MiB outputs: 4.4 ms more CPU per rank
+mapped than from the heap).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import mmap
 import os
 import sys
@@ -31,17 +38,33 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["empty", "forced", "huge_pages_available", "min_bytes", "zeros"]
+__all__ = ["empty", "forced", "huge_pages_available", "min_bytes", "reports_free_pages", "zeros"]
 
 _THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
+_BALLOON_FEATURES = "/sys/bus/virtio/drivers/virtio_balloon/virtio*/features"
+_VIRTIO_BALLOON_F_REPORTING = 5
 _DEFAULT_MIN_BYTES = 32 << 20
 _forced_min_bytes: int | None = None
+
+
+def reports_free_pages() -> bool:
+    """Whether a virtio balloon here returns freed guest pages to the hypervisor (feature bit 5, REPORTING)."""
+    for path in glob.glob(_BALLOON_FEATURES):
+        try:
+            with open(path) as f:
+                bits = f.read().strip()
+        except OSError:
+            continue
+        if len(bits) > _VIRTIO_BALLOON_F_REPORTING and bits[_VIRTIO_BALLOON_F_REPORTING] == "1":
+            return True
+    return False
 
 
 @functools.lru_cache(maxsize=1)
 def huge_pages_available() -> tuple[bool, str]:
     """Whether :func:`empty` maps large CPU tensors on huge pages here, and why not when it does not."""
-    if os.environ.get("MOE_COMM_HUGE_PAGES", "1") == "0":
+    setting = os.environ.get("MOE_COMM_HUGE_PAGES", "auto")
+    if setting == "0":
         return False, "disabled by MOE_COMM_HUGE_PAGES=0"
     if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
         return False, "transparent huge pages are a Linux feature"
@@ -52,6 +75,9 @@ def huge_pages_available() -> tuple[bool, str]:
         return False, f"cannot read {_THP_ENABLED}: {exc.strerror}"
     if "[never]" in mode:
         return False, f"the kernel's transparent huge pages are off ({mode.strip()})"
+    if setting != "1" and reports_free_pages():
+        return False, ("a virtio balloon reports freed pages to the hypervisor, so reused huge pages fault through "
+                       "it again (MOE_COMM_HUGE_PAGES=1 maps them anyway)")
     return True, f"transparent huge pages from {min_bytes() >> 20} MiB ({mode.strip()})"
 
 

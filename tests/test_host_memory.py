@@ -41,8 +41,9 @@ def test_small_tensors_come_from_torch() -> None:
     assert torch.count_nonzero(z) == 0
 
 
-@pytest.mark.skipif(not host_memory.huge_pages_available()[0], reason="no transparent huge pages on this host")
-def test_large_tensors_are_mapped() -> None:
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="anonymous mappings with madvise: Linux")
+def test_large_tensors_are_mapped_where_huge_pages_are_used(monkeypatch) -> None:
+    monkeypatch.setattr(host_memory, "huge_pages_available", lambda: (True, "as if this host offered them"))
     rows = host_memory.min_bytes() // (2 * 1024) + 1
     t = host_memory.empty(rows, 1024, dtype=torch.bfloat16)
     assert _is_mapped(t) and t.is_contiguous() and t.shape == (rows, 1024) and t.dtype == torch.bfloat16
@@ -113,6 +114,28 @@ def test_cuda_tensors_are_never_mapped() -> None:
         t = host_memory.empty(4, dtype=torch.float32, device="cuda")
         z = host_memory.zeros(4, dtype=torch.float32, device="cuda")
     assert t.is_cuda and z.is_cuda and torch.count_nonzero(z) == 0
+
+
+def test_hosts_that_report_free_pages_keep_4k_pages(tmp_path, monkeypatch) -> None:
+    device = tmp_path / "virtio0"
+    device.mkdir()
+    features = device / "features"
+    monkeypatch.setattr(host_memory, "_BALLOON_FEATURES", str(tmp_path / "virtio*" / "features"))
+    features.write_text("0110000" + "0" * 57 + "\n")  # no REPORTING bit
+    assert not host_memory.reports_free_pages()
+    features.write_text("0110010" + "0" * 57 + "\n")  # bit 5: VIRTIO_BALLOON_F_REPORTING
+    assert host_memory.reports_free_pages()
+    monkeypatch.setenv("MOE_COMM_HUGE_PAGES", "auto")
+    host_memory.huge_pages_available.cache_clear()
+    try:
+        usable, why = host_memory.huge_pages_available()
+        assert not usable and ("balloon" in why or "Linux" in why or "off" in why or "cannot read" in why)
+        monkeypatch.setenv("MOE_COMM_HUGE_PAGES", "1")
+        host_memory.huge_pages_available.cache_clear()
+        usable, why = host_memory.huge_pages_available()
+        assert "balloon" not in why
+    finally:
+        host_memory.huge_pages_available.cache_clear()
 
 
 def _settings_in_subprocess(env: dict[str, str]) -> str:
