@@ -60,12 +60,17 @@ def test_bench_writes_one_record_per_op(tmp_path, capsys):
         # CPU time covers the transport threads too: a transfer between processes costs its ranks some.
         assert r["cpu_time_s_median"] > 0 and r["baseline_cpu_time_s_median"] > 0
         assert r["host_cpu_load"] > 0 and r["ranks_on_host"] == 2
+        # The second baseline: the same transfer into an output allocated once.
+        assert r["baseline_prealloc_time_s_median"] > 0
+        assert abs(r["ratio_to_prealloc_baseline"] - r["time_s_median"] / r["baseline_prealloc_time_s_median"]) < 1e-9
+        assert r["check_inputs"] is True
     d = records["dispatch"]
     # Mean over ranks of the rows received, own rows included: between one and two ranks' tokens per rank.
     assert 96 * 2 * 64 <= d["logical_bytes"] <= 2 * 96 * 2 * 64
     assert d["floor_time_s_median"] > 0 and d["ratio_to_floor"] > 0
     printed = capsys.readouterr().out
     assert "dispatch floor" in printed and "combine CPU per rank" in printed
+    assert "combine vs the a2a into a preallocated output" in printed
 
     # scripts/record_gpu_run.py turns a gpu_check.sh folder (here with these records as both portable runs)
     # into a results file and a gpu-log draft that names each portable op's ratio and target.
@@ -86,3 +91,13 @@ def test_bench_writes_one_record_per_op(tmp_path, capsys):
     draft = capsys.readouterr().out
     assert draft.count("portable dispatch (gloo, 2 ranks on the host, hidden 64)") == 2
     assert "time <= 1.3 x baseline: " in draft
+
+
+def test_bench_without_input_checks_says_so(tmp_path):
+    out = tmp_path / "unchecked.json"
+    argv = ["--nprocs", "2", "--tokens", "32", "--hidden", "32", "--topk", "2", "--num-experts", "4",
+            "--warmup", "0", "--iters", "1", "--no-check-inputs", "--json", str(out)]
+    assert main(argv) == 0
+    records = json.loads(out.read_text())["results"]
+    assert {r["op"] for r in records} == {"dispatch", "cached_dispatch", "combine"}
+    assert all(r["check_inputs"] is False and r["shape"]["check_inputs"] is False for r in records)

@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--num-experts", type=int, default=256)
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=gpu, help="FP8 dispatch (default on GPU)")
+    p.add_argument("--check-inputs", action=argparse.BooleanOptionalAction, default=True,
+                   help="Buffer(check_inputs=...): --no-check-inputs skips the cross-rank agreement step of every call")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--json", type=Path, default=None, help="write the records here")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shape = BenchShape(
             tokens=args.tokens, hidden=args.hidden, topk=args.topk, num_experts=args.num_experts,
-            fp8_dispatch=args.fp8, warmup=args.warmup, iters=args.iters,
+            fp8_dispatch=args.fp8, warmup=args.warmup, iters=args.iters, check_inputs=args.check_inputs,
         )
         if detect_launcher() != "single":
             records = _rank_main(shape, args.backend)
