@@ -6,6 +6,12 @@ They are read once, when first asked for, and never written. Every variable is o
   (default 120).
 - ``MOE_COMM_BACKEND``: backend that ``backend="auto"`` picks when set (``torch`` or ``cuda``).
 - ``MOE_COMM_DISABLE_CUDA_EXT``: when ``1``, the CUDA extension is not imported even if built.
+
+Read where they apply (documented there):
+
+- ``MOE_COMM_CPU_KERNELS``, ``MOE_COMM_CPU_MODULE``: :mod:`moe_comm.cpu_kernels` (the compiled CPU kernels).
+- ``MOE_COMM_HUGE_PAGES``, ``MOE_COMM_HUGE_PAGE_MIN_BYTES``: :mod:`moe_comm.host_memory` (large CPU outputs
+  on transparent huge pages).
 """
 
 from __future__ import annotations
