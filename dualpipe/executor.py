@@ -14,11 +14,11 @@ The executor walks the rank's lowered action list (:func:`dualpipe.validate.lowe
 - ``SEND_*``/``RECV_*``: point-to-point transfers (:mod:`dualpipe.p2p`). Every transfer is one fixed-size
   int64 header (tensor count, then per tensor its dtype and shape) followed by the tensors, so micro-batches
   may differ in shape (variable sequence length) with no global shape list; a transfer of the same layout as
-  the previous one on its channel (kept across a pipeline's steps) is one message, header and payload
-  together. Sends are asynchronous and waited at the end of the step; on CPU (gloo) receives are posted ahead
-  of their ``RECV`` (one outstanding per channel), and waited there, bounded by the timeout. Ranks post
-  messages in the plan's order, which the validator proved consistent with per-peer FIFO matching (NCCL
-  matches same-peer messages in order).
+  predicted (the channel's last before the step, kept across a pipeline's steps) is one message, header and
+  payload together. Sends are asynchronous and waited at the end of the step; on CPU (gloo) receives are
+  posted ahead of their ``RECV`` (from a channel's second step on, all of them when the step starts), and
+  waited there, bounded by the timeout. Ranks post messages in the plan's order, which the validator proved
+  consistent with per-peer FIFO matching (NCCL matches same-peer messages in order).
 
 A failure inside an action re-raises with the schedule's rank x step grid, the failing step marked.
 """

@@ -3,9 +3,14 @@
 A *transfer* is one ``SEND_*``/``RECV_*`` pair of the lowered plan: a tuple of tensors (entries may be
 ``None``) from a sending stage to the next (``"F"``) or previous (``"B"``) one. Its description is a
 fixed-size int64 header, ``[count, layout flag, slots...]`` with per tensor its dtype code (-1: ``None``),
-dim count and padded shape. The *predicted* layout of a transfer is the layout of the previous transfer on the
-same channel (same direction, same sending stage), in this step or, with a pipeline's :class:`Layouts`,
-an earlier one, which sender and receiver both know:
+dim count and padded shape. The *predicted* layout of a transfer, which sender and receiver both know, is:
+
+- on a channel (same direction, same sending stage) that carried a transfer before this step (a pipeline keeps
+  its :class:`Layouts` from step to step): the layout of that channel's last transfer before the step, for
+  every transfer of the step;
+- otherwise (a channel's first step): the layout of the previous transfer on the channel in this step, if any.
+
+Then the transfer travels as:
 
 - layout as predicted (every transfer but a pipeline's first on each channel, when shapes do not vary): one
   message, the header and the tensors' bytes packed together (each tensor 64-byte aligned); the receiver
@@ -15,10 +20,15 @@ an earlier one, which sender and receiver both know:
   and the packed tensors, into buffers the receiver posts once it has read the header.
 
 With ``lookahead`` (gloo on CPU), receives are posted ahead of the plan's ``RECV`` that waits on them, in the
-plan's order per peer, as far as their predictions are known: up to the first receive whose channel still
-has an earlier receive outstanding (one outstanding receive per channel). A transfer thus finds its receive
-posted when it is sent and proceeds while this rank computes. Main-tag messages between two ranks match in
-the order posted (the order the validator proved consistent), side-tag messages likewise among themselves.
+plan's order per peer, as far as their predictions are known: from a channel's second step on, all of the
+step's receives from a peer are posted when the step starts; in its first step, up to the first receive whose
+channel still has an earlier receive outstanding. A transfer thus finds its receive posted when it is sent
+and proceeds while this rank computes: gloo sends a message's bytes only once its
+receive is posted, so a receive posted late costs the transfer a round trip through both ranks' transport
+threads (on the 2-core VMs, one receive outstanding per channel made our DualPipeV step 1.07-1.13x PyTorch's
+``ScheduleDualPipeV``; all of them posted, 0.95-1.03x). The price is memory: the step's received tensors
+are allocated when it starts. Main-tag messages between two ranks match in the order posted (the order the
+validator proved consistent), side-tag messages likewise among themselves.
 NCCL runs without lookahead (and ignores tags; its receives are posted one at a time, in order), since a
 receive posted early would hold back later operations on the same communicator stream.
 """
@@ -204,6 +214,10 @@ class Transport:
         layouts = layouts if layouts is not None else Layouts()
         self._sent_layout = layouts.sent
         self._received_layout = layouts.received
+        # Channels with a layout known before the step predict every transfer of the step from it, so their
+        # receives need not wait for the previous one on the channel.
+        self._step_sent = dict(layouts.sent)
+        self._step_received = dict(layouts.received)
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
         if lookahead:
             for peer in self._unposted:
@@ -232,7 +246,7 @@ class Transport:
     def send(self, peer: int, tid: TransferId, tensors: Sequence[torch.Tensor | None]) -> None:
         channel = (tid[0], tid[1])
         layout = [_spec(t) for t in tensors]
-        predicted = self._sent_layout.get(channel)
+        predicted = self._step_sent.get(channel, self._sent_layout.get(channel))
         as_predicted = predicted == layout
         header = encode_header(layout, as_predicted).to(self.device)
         if as_predicted:
@@ -261,16 +275,20 @@ class Transport:
         """Post the first receive from ``peer`` not yet posted, predicted from its channel's last layout."""
         tid = self._unposted[peer].popleft()
         channel = (tid[0], tid[1])
-        predicted = self._received_layout.get(channel)
+        predicted = self._step_received.get(channel, self._received_layout.get(channel))
         buffer = torch.empty(_HEADER_BYTES + _packed_size(predicted), dtype=torch.uint8, device=self.device)
         self._posted[tid] = _Posted(buffer, self._irecv(buffer, peer), predicted)
         self._open_channels.add(channel)
 
     def _post_ahead(self, peer: int) -> None:
-        """Post receives from ``peer`` in plan order while their prediction is known: up to the first one whose
-        channel still has an earlier receive outstanding (its layout, the prediction, is not known yet)."""
+        """Post receives from ``peer`` in plan order while their prediction is known: all of them on channels
+        predicted from before the step, else up to the first one whose channel still has an earlier receive
+        outstanding (its layout, the prediction, is not known yet)."""
         unposted = self._unposted[peer]
-        while unposted and (unposted[0][0], unposted[0][1]) not in self._open_channels:
+        while unposted:
+            channel = (unposted[0][0], unposted[0][1])
+            if channel in self._open_channels and channel not in self._step_received:
+                break
             self._post_next(peer)
 
     def recv(self, peer: int, tid: TransferId, what: str) -> tuple[torch.Tensor | None, ...]:

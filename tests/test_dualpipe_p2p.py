@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe import PipelineRunner
-from dualpipe.p2p import _HEADER_LEN, _HEADER_SLOTS, decode_header, encode_header
+from dualpipe.p2p import _HEADER_LEN, _HEADER_SLOTS, Layouts, Transport, decode_header, encode_header
 from tests.harness import pool_fixture
 
 pool = pool_fixture(2)
@@ -50,7 +50,7 @@ def _run(name: str):
     runner = PipelineRunner(name, {rank: Wide(rank)})
     gen = torch.Generator().manual_seed(9)
     # Step 1: uneven micro-batches (the first is larger, so the second breaks the layout prediction).
-    # Step 2: predicted from step 1's last transfers, wrongly (more rows), then rightly. Step 3: as step 2.
+    # Step 2: every transfer predicted from step 1's last, wrongly (more rows). Step 3: predicted rightly.
     for rows in (2 * num_chunks + 1, 3 * num_chunks, 3 * num_chunks):
         x = torch.randn(rows, HIDDEN, generator=gen, dtype=torch.float64)
         y = torch.randn(rows, HIDDEN, generator=gen, dtype=torch.float64)
@@ -88,3 +88,31 @@ def test_header_roundtrip():
     assert count == len(tensors) and not as_predicted and decoded == specs[:_HEADER_SLOTS]
     assert decoded[0] == (torch.float32, (2, 3)) and decoded[1] is None and decoded[2] == (torch.int64, ())
     assert encode_header(specs[:3], as_predicted=True).numel() == _HEADER_LEN
+
+
+def _post_ahead(carry_layouts: bool):
+    """Rank 0 sends rank 1 four transfers on one channel; returns how many receives rank 1 posted up front."""
+    rank = dist.get_rank()
+    layouts = Layouts()
+    spec = [(torch.float64, (3, HIDDEN))]
+    if carry_layouts:  # as a pipeline's previous step leaves them, on both sides
+        layouts.sent[("F", 0)] = list(spec)
+        layouts.received[("F", 0)] = list(spec)
+    tids = [("F", 0, m) for m in range(4)]
+    receives = [(0, tid) for tid in tids] if rank == 1 else []
+    transport = Transport(None, torch.device("cpu"), 30.0, rank, receives, lookahead=True, layouts=layouts)
+    posted_up_front = len(transport._posted)
+    for m, tid in enumerate(tids):
+        if rank == 0:
+            transport.send(1, tid, (torch.full((3, HIDDEN), float(m), dtype=torch.float64),))
+        else:
+            (got,) = transport.recv(0, tid, f"micro-batch {m}")
+            assert torch.equal(got, torch.full((3, HIDDEN), float(m), dtype=torch.float64))
+    transport.finish()
+    return posted_up_front
+
+
+def test_receives_posted_when_the_step_starts(pool):
+    """With layouts carried from an earlier step every receive is posted up front; without, one per channel."""
+    assert pool.run(_post_ahead, True)[1] == 4
+    assert pool.run(_post_ahead, False)[1] == 1
