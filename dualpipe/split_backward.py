@@ -20,6 +20,12 @@ split avoids. When a group's boundary nodes lie on one path (a weight used twice
 the input side between them; a pre-hook then pins each boundary node's incoming gradient to the recorded value
 so nothing is counted twice. A root that does not depend on the inputs (a parameter-only output) is a seed of
 its group with its own output gradient.
+
+Activation checkpointing: regions under ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` split
+exactly (tested bitwise). Their forward is recomputed whenever an engine call first unpacks their saved
+tensors, so once in the ``I`` and once more per parameter group in the ``W`` (a region of two linear layers:
+three recomputations where a full backward has one). Reentrant checkpointing cannot be split at all: PyTorch
+refuses ``torch.autograd.grad`` through it and says so.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each case builds a stage (float64), runs a full ``backward`` for the reference g
 forward split into :func:`input_backward` and :func:`weight_backward`, and compares input and parameter
 gradients exactly. Graph shapes: linear layers, a weight used twice with a parameterised node between the
 uses, a multi-output node, a parameter-only output, an output that depends on no input, a custom autograd
-function, and a W that must not re-run the input side. Then, through the pipeline on 2 ranks, a model that
+function, a checkpointed stage, and a W that must not re-run the input side. Then, through the pipeline on 2 ranks, a model that
 defers weight gradients through ``WeightGradStore`` (one on the input path, one on a parameter alone): each
 gradient must be counted once.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import nn
 
 from dualpipe import DualPipeV, PipelineRunner, WeightGradStore
@@ -94,6 +95,17 @@ class _Custom(nn.Module):
         return self.lin(_Square.apply(x, self.w))
 
 
+class _Checkpointed(nn.Module):
+    """``_Tied`` under non-reentrant activation checkpointing: its saved tensors are recomputed on unpack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _Tied()
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+
+
 def _run(module: nn.Module, split: bool, last: bool):
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(4, 6, generator=gen, dtype=torch.float64).requires_grad_(True)
@@ -118,7 +130,7 @@ def _run(module: nn.Module, split: bool, last: bool):
     return dx, [p.grad for p in params]
 
 
-@pytest.mark.parametrize("cls", [_Mlp, _Tied, _Split, _ParamOnly, _Custom])
+@pytest.mark.parametrize("cls", [_Mlp, _Tied, _Split, _ParamOnly, _Custom, _Checkpointed])
 @pytest.mark.parametrize("last", [False, True], ids=["middle", "last"])
 def test_split_matches_full_backward(cls, last) -> None:
     torch.manual_seed(0)
