@@ -20,16 +20,14 @@ Then the transfer travels as:
   and the packed tensors, into buffers the receiver posts once it has read the header.
 
 With ``lookahead`` (gloo on CPU), receives are posted ahead of the plan's ``RECV`` that waits on them, in the
-plan's order per peer, as far as their predictions are known: from a channel's second step on, all of the
-step's receives from a peer are posted when the step starts; in its first step, up to the first receive whose
-channel still has an earlier receive outstanding. A transfer thus finds its receive posted when it is sent
-and proceeds while this rank computes: gloo sends a message's bytes only once its
-receive is posted, so a receive posted late costs the transfer a round trip through both ranks' transport
-threads (on the 2-core VMs, one receive outstanding per channel made our DualPipeV step 1.07-1.13x PyTorch's
-``ScheduleDualPipeV``; all of them posted, 0.95-1.03x). The price is memory: the step's received tensors
-are allocated when it starts. Main-tag messages between two ranks match in the order posted (the order the
-validator proved consistent), side-tag messages likewise among themselves.
-NCCL runs without lookahead (and ignores tags; its receives are posted one at a time, in order), since a
+plan's order per peer, as far as their predictions are known: from a channel's second step on, up to
+``_MAX_AHEAD`` (4) per channel at a time; in its first step, one. A transfer thus finds its receive posted
+when it is sent and proceeds while this rank computes: gloo sends a message's bytes only once its receive is
+posted, so a receive posted late costs the transfer a round trip through both ranks' transport threads (on the
+2-core VMs, with one receive outstanding per channel our DualPipeV step took 1.05-1.16x as long as PyTorch's
+``ScheduleDualPipeV``; with four, 0.96-1.02x). The price is memory: up to four received transfers per
+channel are allocated before they are needed. Main-tag messages between two ranks match in the order posted
+(the order the validator proved consistent), side-tag messages likewise among themselves. NCCL runs without lookahead (and ignores tags; its receives are posted one at a time, in order), since a
 receive posted early would hold back later operations on the same communicator stream.
 """
 
@@ -60,6 +58,10 @@ _MAX_DIMS = 8
 _SLOT_LEN = 2 + _MAX_DIMS  # per tensor: dtype code (-1: None), dim count, shape padded to _MAX_DIMS
 _HEADER_SLOTS = 8  # tensors the fixed-size header describes; a transfer of more sends the rest in a second header
 _HEADER_LEN = 2 + _HEADER_SLOTS * _SLOT_LEN  # tensor count, layout flag, slots
+# Receives a channel predicted from before the step may have posted at once: enough to find the sends of a
+# warm-up phase posted (DualPipeV, 2 ranks, 8 chunks: 1 -> 1.05-1.16x PyTorch's step, 2 -> 1.03-1.09x,
+# 4 -> 0.96-1.02x, all of the step's -> 0.93-1.01x), while the memory held stays independent of num_chunks.
+_MAX_AHEAD = 4
 _SIDE_TAG = 1  # what a receiver cannot have predicted (second header, unpredicted payload) travels on this tag
 
 Spec = tuple[torch.dtype, tuple[int, ...]] | None
@@ -210,7 +212,7 @@ class Transport:
             self._order.setdefault(peer, deque()).append(tid)
         self._unposted = {peer: deque(queue) for peer, queue in self._order.items()}  # per peer, not yet posted
         self._posted: dict[TransferId, _Posted] = {}
-        self._open_channels: set[tuple[str, int]] = set()  # channels with a posted receive not yet taken
+        self._outstanding: dict[tuple[str, int], int] = {}  # per channel, receives posted and not yet taken
         layouts = layouts if layouts is not None else Layouts()
         self._sent_layout = layouts.sent
         self._received_layout = layouts.received
@@ -278,16 +280,17 @@ class Transport:
         predicted = self._step_received.get(channel, self._received_layout.get(channel))
         buffer = torch.empty(_HEADER_BYTES + _packed_size(predicted), dtype=torch.uint8, device=self.device)
         self._posted[tid] = _Posted(buffer, self._irecv(buffer, peer), predicted)
-        self._open_channels.add(channel)
+        self._outstanding[channel] = self._outstanding.get(channel, 0) + 1
 
     def _post_ahead(self, peer: int) -> None:
-        """Post receives from ``peer`` in plan order while their prediction is known: all of them on channels
-        predicted from before the step, else up to the first one whose channel still has an earlier receive
-        outstanding (its layout, the prediction, is not known yet)."""
+        """Post receives from ``peer`` in plan order while their prediction is known, up to the first one whose
+        channel already has as many outstanding as it may: ``_MAX_AHEAD`` on channels predicted from before the
+        step, else one (the next one's layout, its prediction, is not known yet)."""
         unposted = self._unposted[peer]
         while unposted:
             channel = (unposted[0][0], unposted[0][1])
-            if channel in self._open_channels and channel not in self._step_received:
+            limit = _MAX_AHEAD if channel in self._step_received else 1
+            if self._outstanding.get(channel, 0) >= limit:
                 break
             self._post_next(peer)
 
@@ -323,7 +326,7 @@ class Transport:
             received = _unpack(buffer, layout, 0)
         channel = (tid[0], tid[1])
         self._received_layout[channel] = layout
-        self._open_channels.discard(channel)
+        self._outstanding[channel] -= 1
         queue.popleft()
         if self.lookahead:
             self._post_ahead(peer)
