@@ -16,7 +16,7 @@ The executor walks the rank's lowered action list (:func:`dualpipe.validate.lowe
   may differ in shape (variable sequence length) with no global shape list; a transfer of the same layout as
   predicted (the channel's last before the step, kept across a pipeline's steps) is one message, header and
   payload together. Sends are asynchronous and waited at the end of the step; on CPU (gloo) receives are
-  posted ahead of their ``RECV`` (from a channel's second step on, up to four per channel at a time), and
+  posted ahead of their ``RECV`` (from a channel's second step on, all of them when the step starts), and
   waited there, bounded by the timeout. Ranks post messages in the plan's order, which the validator proved
   consistent with per-peer FIFO matching (NCCL matches same-peer messages in order).
 

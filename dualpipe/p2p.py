@@ -20,15 +20,19 @@ Then the transfer travels as:
   and the packed tensors, into buffers the receiver posts once it has read the header.
 
 With ``lookahead`` (gloo on CPU), receives are posted ahead of the plan's ``RECV`` that waits on them, in the
-plan's order per peer, as far as their predictions are known: from a channel's second step on, up to
-``_MAX_AHEAD`` (4) per channel at a time; in its first step, one. A transfer thus finds its receive posted
-when it is sent and proceeds while this rank computes: gloo sends a message's bytes only once its receive is
-posted, so a receive posted late costs the transfer a round trip through both ranks' transport threads (on the
-2-core VMs, with one receive outstanding per channel our DualPipeV step took 1.05-1.16x as long as PyTorch's
-``ScheduleDualPipeV``; with four, 0.96-1.02x). The price is memory: up to four received transfers per
-channel are allocated before they are needed. Main-tag messages between two ranks match in the order posted
-(the order the validator proved consistent), side-tag messages likewise among themselves. NCCL runs without lookahead (and ignores tags; its receives are posted one at a time, in order), since a
-receive posted early would hold back later operations on the same communicator stream.
+plan's order per peer, as far as their predictions are known: from a channel's second step on, all of the
+step's receives from a peer are posted when it starts (``max_ahead`` limits them per channel); in a channel's
+first step, one at a time. A transfer thus finds its receive posted when it is sent and proceeds while this
+rank computes: gloo sends a message's bytes only once its receive is posted, so a receive posted late costs
+the transfer a round trip through both ranks' transport threads. On the 2-core VMs (2026-12-03, DualPipeV
+against PyTorch's ``ScheduleDualPipeV``, same process group, interleaved): with one receive outstanding per
+channel our step took 1.05-1.16x as long as PyTorch's at 2 ranks and 8 chunks; with four, 0.96-1.02x; with
+all of them, 0.93-1.01x; at 4 ranks and 16 chunks four gave 1.00-1.10x, eight 0.97-1.03x, all 0.90-1.00x.
+The price is memory: the step's received tensors are allocated when it starts, as much again as the sends,
+which the senders keep until the step ends. Main-tag messages between two ranks match in the order posted
+(the order the validator proved consistent), side-tag messages likewise among themselves. NCCL runs without
+lookahead (and ignores tags; its receives are posted one at a time, in order), since a receive posted early
+would hold back later operations on the same communicator stream.
 """
 
 from __future__ import annotations
@@ -58,10 +62,6 @@ _MAX_DIMS = 8
 _SLOT_LEN = 2 + _MAX_DIMS  # per tensor: dtype code (-1: None), dim count, shape padded to _MAX_DIMS
 _HEADER_SLOTS = 8  # tensors the fixed-size header describes; a transfer of more sends the rest in a second header
 _HEADER_LEN = 2 + _HEADER_SLOTS * _SLOT_LEN  # tensor count, layout flag, slots
-# Receives a channel predicted from before the step may have posted at once: enough to find the sends of a
-# warm-up phase posted (DualPipeV, 2 ranks, 8 chunks: 1 -> 1.05-1.16x PyTorch's step, 2 -> 1.03-1.09x,
-# 4 -> 0.96-1.02x, all of the step's -> 0.93-1.01x), while the memory held stays independent of num_chunks.
-_MAX_AHEAD = 4
 _SIDE_TAG = 1  # what a receiver cannot have predicted (second header, unpredicted payload) travels on this tag
 
 Spec = tuple[torch.dtype, tuple[int, ...]] | None
@@ -190,6 +190,8 @@ class Transport:
         receives: this rank's receives in plan order, each ``(peer, transfer id)``.
         lookahead: post each receive as early as the per-peer message order allows (gloo).
         layouts: the layout predictions to start from and update (default: none, fresh for this step).
+        max_ahead: with ``lookahead``, most receives outstanding per channel predicted from before the step
+            (default ``None``: no limit).
     """
 
     def __init__(
@@ -201,8 +203,10 @@ class Transport:
         receives: Iterable[tuple[int, TransferId]],
         lookahead: bool,
         layouts: Layouts | None = None,
+        max_ahead: int | None = None,
     ) -> None:
         self.group = group
+        self.max_ahead = max_ahead
         self.device = device
         self.timeout_s = timeout_s
         self.rank = rank
@@ -284,13 +288,15 @@ class Transport:
 
     def _post_ahead(self, peer: int) -> None:
         """Post receives from ``peer`` in plan order while their prediction is known, up to the first one whose
-        channel already has as many outstanding as it may: ``_MAX_AHEAD`` on channels predicted from before the
-        step, else one (the next one's layout, its prediction, is not known yet)."""
+        channel already has as many outstanding as it may: ``max_ahead`` (default: all) on channels predicted from
+        before the step, else one (the next one's layout, its prediction, is not known yet)."""
         unposted = self._unposted[peer]
         while unposted:
             channel = (unposted[0][0], unposted[0][1])
-            limit = _MAX_AHEAD if channel in self._step_received else 1
-            if self._outstanding.get(channel, 0) >= limit:
+            if channel in self._step_received:
+                if self.max_ahead is not None and self._outstanding.get(channel, 0) >= self.max_ahead:
+                    break
+            elif self._outstanding.get(channel, 0):
                 break
             self._post_next(peer)
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dualpipe import PipelineRunner
-from dualpipe.p2p import _HEADER_LEN, _HEADER_SLOTS, _MAX_AHEAD, Layouts, Transport, decode_header, encode_header
+from dualpipe.p2p import _HEADER_LEN, _HEADER_SLOTS, Layouts, Transport, decode_header, encode_header
 from tests.harness import pool_fixture
 
 pool = pool_fixture(2)
@@ -90,7 +90,7 @@ def test_header_roundtrip():
     assert encode_header(specs[:3], as_predicted=True).numel() == _HEADER_LEN
 
 
-def _post_ahead(carry_layouts: bool):
+def _post_ahead(carry_layouts: bool, max_ahead: int | None):
     """Rank 0 sends rank 1 six transfers on one channel; returns how many receives rank 1 posted up front."""
     rank = dist.get_rank()
     layouts = Layouts()
@@ -100,7 +100,7 @@ def _post_ahead(carry_layouts: bool):
         layouts.received[("F", 0)] = list(spec)
     tids = [("F", 0, m) for m in range(6)]
     receives = [(0, tid) for tid in tids] if rank == 1 else []
-    transport = Transport(None, torch.device("cpu"), 30.0, rank, receives, lookahead=True, layouts=layouts)
+    transport = Transport(None, torch.device("cpu"), 30.0, rank, receives, lookahead=True, layouts=layouts, max_ahead=max_ahead)
     posted_up_front = len(transport._posted)
     for m, tid in enumerate(tids):
         if rank == 0:
@@ -113,6 +113,7 @@ def _post_ahead(carry_layouts: bool):
 
 
 def test_receives_posted_when_the_step_starts(pool):
-    """With layouts carried from an earlier step ``_MAX_AHEAD`` receives are posted up front; without, one."""
-    assert pool.run(_post_ahead, True)[1] == _MAX_AHEAD == 4
-    assert pool.run(_post_ahead, False)[1] == 1
+    """With layouts carried from an earlier step every receive (or ``max_ahead``) is posted up front; without, one."""
+    assert pool.run(_post_ahead, True, None)[1] == 6
+    assert pool.run(_post_ahead, True, 4)[1] == 4
+    assert pool.run(_post_ahead, False, None)[1] == 1
