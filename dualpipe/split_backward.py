@@ -22,19 +22,22 @@ so nothing is counted twice. A root that does not depend on the inputs (a parame
 its group with its own output gradient.
 
 Activation checkpointing: regions under ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` split
-exactly (tested bitwise). Their forward is recomputed whenever an engine call first unpacks their saved
-tensors, so once in the ``I`` and once more per parameter group in the ``W`` (a region of two linear layers:
-three recomputations where a full backward has one). Reentrant checkpointing cannot be split at all: PyTorch
-refuses ``torch.autograd.grad`` through it and says so.
+exactly (tested bitwise). Their forward is recomputed when an engine call first unpacks their saved tensors:
+once in the ``I``, and once in the ``W``, whose calls share one recomputation under PyTorch's
+``GraphExecGroup`` (where PyTorch has it), except where a group has several boundary nodes (a weight used twice),
+whose call may run nodes of other groups: then each call of the ``W`` recomputes. Reentrant checkpointing
+cannot be split at all: PyTorch refuses ``torch.autograd.grad`` through it and says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
 __all__ = ["WeightWork", "input_backward", "weight_backward"]
@@ -183,6 +186,22 @@ def input_backward(
     return computed, WeightWork(groups, recorded)
 
 
+def _one_recomputation(groups: Sequence[_Group]) -> contextlib.AbstractContextManager[object]:
+    """A context in which the W's engine calls recompute each checkpointed region at most once.
+
+    ``torch.utils.checkpoint.GraphExecGroup`` (where PyTorch has it: 2.13 does) makes backward calls under it
+    share one recomputation, provided no two of them run the same node (each saved tensor is unpacked once). A group with
+    one boundary node runs that node and its parameter side only, which no other group shares; a group with
+    several may cross the input side between them, into other groups' nodes, so then each call recomputes.
+    """
+    exec_group = getattr(torch.utils.checkpoint, "GraphExecGroup", None)
+    if exec_group is None or any(len(group.boundary) > 1 for group in groups):
+        return contextlib.nullcontext()
+    if exec_group._get_current_group() is not None:  # the caller's own (they do not nest)
+        return contextlib.nullcontext()
+    return exec_group()
+
+
 def weight_backward(work: WeightWork) -> None:
     """The ``W`` pass: accumulate the parameters' gradients into ``.grad`` from what ``I`` recorded."""
     calls = []
@@ -199,16 +218,17 @@ def weight_backward(work: WeightWork) -> None:
             seeds.append(grad)
         if edges:
             calls.append((group, edges, seeds))
-    for n, (group, edges, seeds) in enumerate(calls):
-        pins = []
-        if len(group.boundary) > 1:  # the engine may cross the input side from one boundary node to another
-            for node in group.boundary:
-                if node in work.recorded:
-                    pins.append(node.register_prehook(lambda _grads, kept=work.recorded[node]: kept))
-        try:
-            torch.autograd.backward(edges, seeds, retain_graph=n < len(calls) - 1, inputs=group.params)
-        finally:
-            for pin in pins:
-                pin.remove()
+    with _one_recomputation(work.groups):
+        for n, (group, edges, seeds) in enumerate(calls):
+            pins = []
+            if len(group.boundary) > 1:  # the engine may cross the input side from one boundary node to another
+                for node in group.boundary:
+                    if node in work.recorded:
+                        pins.append(node.register_prehook(lambda _grads, kept=work.recorded[node]: kept))
+            try:
+                torch.autograd.backward(edges, seeds, retain_graph=n < len(calls) - 1, inputs=group.params)
+            finally:
+                for pin in pins:
+                    pin.remove()
     work.groups.clear()
     work.recorded.clear()

@@ -100,7 +100,9 @@ def _post_ahead(carry_layouts: bool, max_ahead: int | None):
         layouts.received[("F", 0)] = list(spec)
     tids = [("F", 0, m) for m in range(6)]
     receives = [(0, tid) for tid in tids] if rank == 1 else []
-    transport = Transport(None, torch.device("cpu"), 30.0, rank, receives, lookahead=True, layouts=layouts, max_ahead=max_ahead)
+    transport = Transport(
+        None, torch.device("cpu"), 30.0, rank, receives, lookahead=True, layouts=layouts, max_ahead=max_ahead
+    )
     posted_up_front = len(transport._posted)
     for m, tid in enumerate(tids):
         if rank == 0:

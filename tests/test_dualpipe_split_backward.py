@@ -4,9 +4,10 @@ Each case builds a stage (float64), runs a full ``backward`` for the reference g
 forward split into :func:`input_backward` and :func:`weight_backward`, and compares input and parameter
 gradients exactly. Graph shapes: linear layers, a weight used twice with a parameterised node between the
 uses, a multi-output node, a parameter-only output, an output that depends on no input, a custom autograd
-function, a checkpointed stage, and a W that must not re-run the input side. Then, through the pipeline on 2 ranks, a model that
-defers weight gradients through ``WeightGradStore`` (one on the input path, one on a parameter alone): each
-gradient must be counted once.
+function, a checkpointed stage, and a W that must not re-run the input side; a checkpointed region is
+recomputed once per pass. Then, through the pipeline on 2 ranks, a model that defers weight gradients through
+``WeightGradStore`` (one on the input path, one on a parameter alone), each gradient counted once, and
+checkpointed stages.
 """
 
 from __future__ import annotations
@@ -235,11 +236,27 @@ class _StoreStage(nn.Module):
         return x + torch.tanh(_StoreLinear.apply(x, self.w1)) @ self.w2 + _StoreDouble.apply(self.bias)
 
 
+class _CheckpointedStage(nn.Module):
+    """Three linear layers under non-reentrant activation checkpointing."""
+
+    def __init__(self, stage: int) -> None:
+        super().__init__()
+        torch.manual_seed(400 + stage)
+        self.layers = nn.Sequential(*(nn.Linear(6, 6, dtype=torch.float64) for _ in range(3)))
+
+    def forward(self, x):
+        return x + torch.utils.checkpoint.checkpoint(self.layers, x, use_reentrant=False)
+
+
+_STAGES = {"store": _StoreStage, "checkpointed": _CheckpointedStage}
+
+
 def _store_criterion(out, label):
     return ((out - label) ** 2).mean()
 
 
-def _store_pipeline(name: str):
+def _pipeline_matches_reference(name: str, kind: str):
+    stage_cls = _STAGES[kind]
     rank, world = dist.get_rank(), dist.get_world_size()
     num_chunks = 2 * world
     gen = torch.Generator().manual_seed(5)
@@ -247,14 +264,14 @@ def _store_pipeline(name: str):
     y = torch.randn(2 * num_chunks, 6, generator=gen, dtype=torch.float64)
     if name == "dualpipev":
         stage_ids = [rank, 2 * world - 1 - rank]
-        runner = DualPipeV((_StoreStage(stage_ids[0]), _StoreStage(stage_ids[1])))
+        runner = DualPipeV((stage_cls(stage_ids[0]), stage_cls(stage_ids[1])))
         num_stages = 2 * world
     else:
         stage_ids = [rank]
-        runner = PipelineRunner(name, {rank: _StoreStage(rank)})
+        runner = PipelineRunner(name, {rank: stage_cls(rank)})
         num_stages = world
     loss, _ = runner.step(x, num_chunks=num_chunks, criterion=_store_criterion, labels=(y,))
-    stages = [_StoreStage(s) for s in range(num_stages)]
+    stages = [stage_cls(s) for s in range(num_stages)]
     ref = []
     for xc, yc in zip(torch.tensor_split(x, num_chunks), torch.tensor_split(y, num_chunks), strict=True):
         h = xc
@@ -275,4 +292,42 @@ def _store_pipeline(name: str):
 
 @pytest.mark.parametrize("name", ["1f1b", "zb1p", "dualpipev"])
 def test_weight_grad_store_closures_count_once(pool, name):
-    assert all(pool.run(_store_pipeline, name))
+    assert all(pool.run(_pipeline_matches_reference, name, "store"))
+
+
+@pytest.mark.parametrize("name", ["zb1p", "dualpipev"])
+def test_checkpointed_stages_through_the_pipeline(pool, name):
+    assert all(pool.run(_pipeline_matches_reference, name, "checkpointed"))
+
+
+class _CountedLayers(nn.Module):
+    """Four linear layers (four parameter groups) that count their forward runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*(nn.Linear(6, 6, dtype=torch.float64) for _ in range(4)))
+        self.runs = 0
+
+    def forward(self, x):
+        self.runs += 1
+        return self.layers(x)
+
+
+@pytest.mark.skipif(not hasattr(torch.utils.checkpoint, "GraphExecGroup"), reason="PyTorch without GraphExecGroup")
+def test_checkpointed_region_recomputed_once_per_pass() -> None:
+    torch.manual_seed(0)
+    inner = _CountedLayers()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(inner, x, use_reentrant=False)
+    grad = torch.randn_like(out)
+    (dx,), work = input_backward([out], [grad], [x], list(inner.parameters()))
+    assert inner.runs == 2, "the I pass should recompute the region once"
+    assert len(work.groups) == 4
+    weight_backward(work)
+    assert inner.runs == 3, f"the W pass recomputed the region {inner.runs - 2} times, not once"
+    split = [p.grad.clone() for p in inner.parameters()]
+    inner.zero_grad(set_to_none=True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    inner(ref_x).backward(grad)
+    assert torch.equal(dx, ref_x.grad)
+    assert all(torch.equal(a, p.grad) for a, p in zip(split, inner.parameters(), strict=True))
