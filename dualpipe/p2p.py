@@ -278,7 +278,7 @@ class Transport:
         return dist.irecv(tensor, peer, group=self.group, tag=tag)
 
     def _post_next(self, peer: int) -> None:
-        """Post the first receive from ``peer`` not yet posted, predicted from its channel's last layout."""
+        """Post the first receive from ``peer`` not yet posted, sized by its predicted layout."""
         tid = self._unposted[peer].popleft()
         channel = (tid[0], tid[1])
         predicted = self._step_received.get(channel, self._received_layout.get(channel))

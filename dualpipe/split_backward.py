@@ -186,16 +186,21 @@ def input_backward(
     return computed, WeightWork(groups, recorded)
 
 
+def _may_cross_input_side(group: _Group) -> bool:
+    """Whether the group's W call may run input-side nodes: from one of its boundary nodes to another."""
+    return len(group.boundary) > 1
+
+
 def _one_recomputation(groups: Sequence[_Group]) -> contextlib.AbstractContextManager[object]:
     """A context in which the W's engine calls recompute each checkpointed region at most once.
 
     ``torch.utils.checkpoint.GraphExecGroup`` (where PyTorch has it: 2.13 does) makes backward calls under it
-    share one recomputation, provided no two of them run the same node (each saved tensor is unpacked once). A group with
-    one boundary node runs that node and its parameter side only, which no other group shares; a group with
-    several may cross the input side between them, into other groups' nodes, so then each call recomputes.
+    share one recomputation, provided no two of them run the same node (each saved tensor is unpacked once).
+    A group with one boundary node runs that node and its parameter side only, which no other group shares; a
+    group that may cross the input side may run other groups' nodes, so then each call recomputes.
     """
     exec_group = getattr(torch.utils.checkpoint, "GraphExecGroup", None)
-    if exec_group is None or any(len(group.boundary) > 1 for group in groups):
+    if exec_group is None or any(_may_cross_input_side(group) for group in groups):
         return contextlib.nullcontext()
     if exec_group._get_current_group() is not None:  # the caller's own (they do not nest)
         return contextlib.nullcontext()
@@ -221,7 +226,7 @@ def weight_backward(work: WeightWork) -> None:
     with _one_recomputation(work.groups):
         for n, (group, edges, seeds) in enumerate(calls):
             pins = []
-            if len(group.boundary) > 1:  # the engine may cross the input side from one boundary node to another
+            if _may_cross_input_side(group):
                 for node in group.boundary:
                     if node in work.recorded:
                         pins.append(node.register_prehook(lambda _grads, kept=work.recorded[node]: kept))
