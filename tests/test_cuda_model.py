@@ -6,8 +6,8 @@ over symmetric buffers shared between the rank processes, first against sequenti
 the kernels, then against the CUDA source itself, compiled for the host and run with a fiber per CUDA thread
 (``moe_comm._C_simt``, docs/kernels.md), in forward, reverse or shuffled block and thread order. Checked here:
 the conformance suite (tests/conformance.py) with ``backend="cudasim"``, bitwise agreement with the ``torch``
-backend, the stream ordering of every synchronous operation, the wrap of the finished-block counters, and that
-planted faults fail the checks. Not checked: a GPU's memory ordering, concurrency between blocks and GPUs,
+backend, the stream ordering of every synchronous operation, the wrap of the int32 epochs, and that planted
+faults fail the checks. Not checked: a GPU's memory ordering, concurrency between blocks and GPUs,
 and performance; scripts/gpu_check.sh covers those on a GPU. Skipped when ``moe_comm._C`` was not built, and
 where a CUDA device is usable (tests/gpu runs the real kernels there).
 """
@@ -170,6 +170,10 @@ def test_replayed_launches_match_eager_steps(pool, kind):
 
 def test_missing_sender_times_out_naming_it(pool):
     pool.run(checks.check_missing_sender_times_out, Case(seed=20))
+
+
+def test_epochs_wrap(pool):
+    pool.run(checks.check_epochs_wrap, Case(seed=22))
 
 
 @pytest.mark.parametrize("fault", sorted(checks.FAULTS))

@@ -168,10 +168,10 @@ constexpr int kIntranodeThreads = 512;  // threads per block of every intranode 
 __device__ __forceinline__ int* header_of(const PeerView& v, int rank) { return reinterpret_cast<int*>(v.peers[rank]); }
 
 // The view a kernel of the protocol runs with: the host's, at one past the last epoch `kernel` completed on
-// this rank (flags are compared against epochs, which only grow, so nothing is ever reset between calls).
+// this rank (flags are compared against epochs, which only move forward, so nothing is ever reset between calls).
 __device__ __forceinline__ PeerView launch_view(const PeerView& host, int kernel) {
   PeerView v = host;
-  v.epoch = ld_acquire_sys(header_of(v, v.rank) + kSlotEpochs + kernel) + 1;
+  v.epoch = epoch_after(ld_acquire_sys(header_of(v, v.rank) + kSlotEpochs + kernel));
   return v;
 }
 

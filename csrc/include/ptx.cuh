@@ -94,12 +94,23 @@ __device__ __forceinline__ unsigned long long global_timer_ns() {
 #endif
 }
 
-// Spin until *p >= expected or `timeout_ns` elapse; on expiry fill `err` (first writer wins) and return false.
-__device__ __forceinline__ bool wait_geq(const int* p, int expected, long long timeout_ns, TimeoutRecord* err,
-                                         int rank, int peer, int phase) {
+// Epochs count calls, so an int32 wraps after 2^31 of them (days of decode steps on one buffer). They are
+// compared as serial numbers (RFC 1982): `v` has reached `want` when v - want, taken modulo 2^32, is in
+// [0, 2^31). That holds across the wrap as long as the two differ by less than 2^31, and a flag never lags the
+// epoch its waiter wants by more than one call.
+__device__ __forceinline__ int epoch_after(int e) { return static_cast<int>(static_cast<unsigned>(e) + 1u); }
+__device__ __forceinline__ int epoch_before(int e) { return static_cast<int>(static_cast<unsigned>(e) - 1u); }
+__device__ __forceinline__ bool epoch_reached(int v, int want) {
+  return static_cast<int>(static_cast<unsigned>(v) - static_cast<unsigned>(want)) >= 0;
+}
+
+// Spin until *p has reached epoch `expected` or `timeout_ns` elapse; on expiry fill `err` (first writer wins)
+// and return false.
+__device__ __forceinline__ bool wait_reached(const int* p, int expected, long long timeout_ns, TimeoutRecord* err,
+                                             int rank, int peer, int phase) {
   const unsigned long long start = global_timer_ns();
   int v;
-  while ((v = ld_acquire_sys(p)) < expected) {
+  while (!epoch_reached(v = ld_acquire_sys(p), expected)) {
     if (static_cast<long long>(global_timer_ns() - start) > timeout_ns) {
       record_error(err, rank, peer, phase, expected, v);
       return false;
@@ -108,14 +119,14 @@ __device__ __forceinline__ bool wait_geq(const int* p, int expected, long long t
   return true;
 }
 
-// Threads 0..num_ranks-1 each wait for header[slot + thread] >= expected; returns (to every thread of the
+// Threads 0..num_ranks-1 each wait for header[slot + thread] to reach epoch `expected`; returns (to every thread of the
 // block) whether all waits succeeded. Must be reached by the whole block.
 __device__ __forceinline__ bool block_wait_all_ranks(const int* header, int slot, int num_ranks, int expected,
                                                      long long timeout_ns, TimeoutRecord* err, int rank,
                                                      int phase) {
   int ok = 1;
   if (threadIdx.x < num_ranks)
-    ok = wait_geq(header + slot + threadIdx.x, expected, timeout_ns, err, rank, threadIdx.x, phase) ? 1 : 0;
+    ok = wait_reached(header + slot + threadIdx.x, expected, timeout_ns, err, rank, threadIdx.x, phase) ? 1 : 0;
   return __syncthreads_and(ok) != 0;
 }
 

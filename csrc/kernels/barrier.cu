@@ -15,7 +15,7 @@ __global__ void barrier_kernel(int* const* counters, int rank, int num_ranks, in
   const int peer = threadIdx.x;
   if (peer >= num_ranks) return;
   atomic_add_release_sys(counters[peer] + rank, 1);
-  wait_geq(counters[rank] + peer, epoch, timeout_ns, err, rank, peer, kPhaseBarrier);
+  wait_reached(counters[rank] + peer, epoch, timeout_ns, err, rank, peer, kPhaseBarrier);
 }
 
 }  // namespace

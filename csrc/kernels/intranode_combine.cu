@@ -17,8 +17,8 @@ __global__ void __launch_bounds__(kIntranodeThreads) combine_send_kernel(Combine
   const PeerView v = launch_view(a.view, kCombineSend);
   int* own = header_of(v, v.rank);
   // Every token owner must have reduced what we returned in the previous epoch.
-  const bool ok = block_wait_all_ranks(own, kSlotCombineFree, v.num_ranks, v.epoch - 1, v.timeout_ns, v.err, v.rank,
-                                       kPhaseCombineFree);
+  const bool ok = block_wait_all_ranks(own, kSlotCombineFree, v.num_ranks, epoch_before(v.epoch),
+                                       v.timeout_ns, v.err, v.rank, kPhaseCombineFree);
   if (ok) {
     __shared__ int s_start[kMaxRanks + 1];
     if (threadIdx.x == 0) {

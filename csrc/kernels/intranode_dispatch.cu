@@ -96,8 +96,8 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_send_kernel(Dis
   const PeerView v = launch_view(a.view, kDispatchSend);
   int* own = header_of(v, v.rank);
   // Every destination must have read out what we wrote in the previous epoch before we overwrite it.
-  const bool ok = block_wait_all_ranks(own, kSlotDispatchFree, v.num_ranks, v.epoch - 1, v.timeout_ns, v.err, v.rank,
-                                       kPhaseDispatchFree);
+  const bool ok = block_wait_all_ranks(own, kSlotDispatchFree, v.num_ranks, epoch_before(v.epoch),
+                                       v.timeout_ns, v.err, v.rank, kPhaseDispatchFree);
   if (ok) {
     const RecordLayout rec(a.row_bytes, a.num_scales, a.num_topk);
     const auto [lane, warp, num_warps] = warp_index();

@@ -94,8 +94,8 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) ll_combine_send_kernel(L
   const PeerView v = launch_view(a.view, kCombineSend);
   int* own = header_of(v, v.rank);
   // Every token rank must have summed what we returned in the previous combine-family epoch.
-  const bool ok = block_wait_all_ranks(own, kSlotCombineFree, v.num_ranks, v.epoch - 1, v.timeout_ns, v.err, v.rank,
-                                       kPhaseCombineFree);
+  const bool ok = block_wait_all_ranks(own, kSlotCombineFree, v.num_ranks, epoch_before(v.epoch),
+                                       v.timeout_ns, v.err, v.rank, kPhaseCombineFree);
   if (ok) {
     const auto [lane, warp, num_warps] = warp_index();
     const uint8_t* x = static_cast<const uint8_t*>(a.x);

@@ -3,8 +3,8 @@
 Every body is reached through :func:`on_model`, which installs the model in the rank process first (once;
 a restarted pool installs it again). Besides the shared conformance checks (tests/conformance.py, run with
 ``backend="cudasim"``), this module compares the model-backed ``cuda`` backend bitwise with the portable
-``torch`` backend, checks the stream ordering of every synchronous operation, the wrap of the finished-block
-counters, and, with a planted fault, that the checks see what the model computes.
+``torch`` backend, checks the stream ordering of every synchronous operation, the wrap of the int32 epochs,
+and, with a planted fault, that the checks see what the model computes.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from moe_comm import Buffer, EventOverlap
+from moe_comm.backends import cuda_memory
 from moe_comm.errors import BufferCapacityError, CommTimeoutError
 from moe_comm.fp8 import per_token_cast_to_fp8
 from tests.conformance import Case, make_inputs
@@ -360,6 +361,53 @@ def check_missing_sender_times_out(case: Case, timeout_s: float = 1.0) -> None:
         raise AssertionError(f"rank {rank}: a dispatch ran on a buffer whose kernels had timed out")
     kernels = [launch.kernel for launch in tracker.launches[launched:]]
     assert "dispatch_send" not in kernels and "dispatch_recv" not in kernels, kernels
+
+
+def _set_epochs(buf: Buffer, epoch: int) -> None:
+    """As if every kernel of the protocol had run ``epoch`` times on every rank: this rank's epochs, flags and
+    free slots all at ``epoch``. Collective; the Buffer must be idle (its last call synchronous)."""
+    mem = buf._backend._mem  # type: ignore[union-attr]
+    assert mem is not None, "the Buffer has not sized its symmetric buffers yet"
+    slots = dict(cuda_memory._ext().HEADER_SLOTS)
+    header = raw(mem.base, slots["launch_failed"], torch.int32)
+    dist.barrier()
+    for name in ("dispatch_flag", "dispatch_free", "combine_flag", "combine_free"):
+        header[slots[name] : slots[name] + mem.num_ranks] = epoch
+    header[slots["epochs"] : slots["epochs"] + 4] = epoch
+    dist.barrier()
+
+
+def check_epochs_wrap(case: Case, timeout_s: float = 1.0) -> None:
+    """Epochs are int32 and wrap after 2^31 calls. Started two calls before the wrap, dispatch and combine give
+    bitwise the torch backend's results across it; then, at the wrap itself, a receive whose sender never ran
+    still waits for that sender (a flag of epoch 2^31 - 1 has not reached epoch -2^31) and times out."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, idx, w = make_inputs(case, rank, world)
+    num_experts = case.experts_per_rank * world
+    int_max = 2**31 - 1
+    with Buffer(backend=MODEL_BACKEND) as buf, Buffer(backend="torch") as reference:
+        buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts)  # sizes the buffers
+        _set_epochs(buf, int_max - 2)
+        for call in range(3):  # epochs 2^31 - 2, 2^31 - 1, -2^31
+            got = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts)
+            want = reference.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts)
+            for name in ("recv_x", "recv_topk_idx", "recv_topk_weights"):
+                _assert_same(getattr(got, name), getattr(want, name), f"rank {rank} call {call} {name}")
+            back = buf.combine(got.recv_x, got.handle)[0]
+            _assert_same(back, reference.combine(want.recv_x, want.handle)[0], f"rank {rank} call {call} combine")
+    buf = Buffer(backend=MODEL_BACKEND, timeout_s=timeout_s, num_sms=2)  # left undestroyed: it times out
+    buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts)
+    _set_epochs(buf, int_max)
+    missing = world - 1
+    skip_send = launcher_replaced("dispatch_send", lambda send: lambda *args: None) if rank == missing else contextlib.nullcontext()
+    with skip_send:
+        try:
+            buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts)
+        except CommTimeoutError as exc:
+            message = str(exc)
+        else:
+            raise AssertionError(f"rank {rank}: at the epoch wrap a dispatch completed without rank {missing}'s send")
+    assert f"peer rank {missing} (expected >= {-(2**31)}, observed {int_max})" in message, message
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -55,6 +55,21 @@ POLL_S = 1e-4  # sleep between polls of a spin wait (the ranks share a few CPU c
 _CUDA_RUNTIME_FAILURE = re.compile(r"\bcuda[A-Za-z]+\(.*\) failed: ")
 
 
+def epoch_after(epoch: int) -> int:
+    """ptx.cuh epoch_after: ``epoch + 1`` in int32, wrapping from 2^31 - 1 to -2^31."""
+    return (epoch + 1 + 2**31) % 2**32 - 2**31
+
+
+def epoch_before(epoch: int) -> int:
+    """ptx.cuh epoch_before: ``epoch - 1`` in int32, wrapping from -2^31 to 2^31 - 1."""
+    return (epoch - 1 + 2**31) % 2**32 - 2**31
+
+
+def epoch_reached(value: int, want: int) -> bool:
+    """ptx.cuh epoch_reached: ``value - want`` modulo 2^32 lies in ``[0, 2^31)`` (serial-number order)."""
+    return (value - want) % 2**32 < 2**31
+
+
 def raw(addr: int, count: int, dtype: torch.dtype) -> torch.Tensor:
     """``count`` elements of ``dtype`` at host address ``addr``, as a tensor sharing that memory."""
     if count == 0:
@@ -261,7 +276,7 @@ class KernelModel:
     def _view(self, view: tuple, kernel: str) -> PeerView:
         """launch_view: the host's view at one past the last epoch ``kernel`` completed on this rank."""
         v = PeerView.parse(view, int(self.real.HEADER_BYTES))
-        return dataclasses.replace(v, epoch=int(v.header(v.rank)[self.slot["epochs"] + self.kernel_id[kernel]]) + 1)
+        return dataclasses.replace(v, epoch=epoch_after(int(v.header(v.rank)[self.slot["epochs"] + self.kernel_id[kernel]])))
 
     def _record(self, row_bytes: int, num_scales: int, num_topk: int) -> RecordLayout:
         rec = RecordLayout.of(row_bytes, num_scales, num_topk)
@@ -281,13 +296,14 @@ class KernelModel:
         flags[0] = 1
 
     def _wait_all_ranks(self, v: PeerView, slot: int, expected: int, phase: int) -> bool:
-        """block_wait_all_ranks: threads 0..R-1 each spin on header[slot + thread] >= expected, all starting
-        together, each bounded by timeout_ns; an expired wait records its peer. True if every wait succeeded."""
+        """block_wait_all_ranks: threads 0..R-1 each spin until header[slot + thread] reaches epoch ``expected``
+        (:func:`epoch_reached`), all starting together, each bounded by timeout_ns; an expired wait records its
+        peer. True if every wait succeeded."""
         own = v.header(v.rank)
         start = time.monotonic_ns()
         pending = list(range(v.num_ranks))
         while True:
-            pending = [r for r in pending if int(own[slot + r]) < expected]
+            pending = [r for r in pending if not epoch_reached(int(own[slot + r]), expected)]
             if not pending:
                 return True
             if time.monotonic_ns() - start > v.timeout_ns:
@@ -341,7 +357,7 @@ class KernelModel:
                      capacity_rows, cast_dtype, num_sms, stream)
         self.on_launch("dispatch_send", stream)
         v = self._view(view, "dispatch_send")
-        if not self._wait_all_ranks(v, self.slot["dispatch_free"], v.epoch - 1, self.phase["dispatch_free"]):
+        if not self._wait_all_ranks(v, self.slot["dispatch_free"], epoch_before(v.epoch), self.phase["dispatch_free"]):
             return
         rec = self._record(row_bytes, num_scales, num_topk)
         ranks = v.num_ranks
@@ -436,7 +452,7 @@ class KernelModel:
                      num_sms, stream)
         self.on_launch("combine_send", stream)
         v = self._view(view, "combine_send")
-        if not self._wait_all_ranks(v, self.slot["combine_free"], v.epoch - 1, self.phase["combine_free"]):
+        if not self._wait_all_ranks(v, self.slot["combine_free"], epoch_before(v.epoch), self.phase["combine_free"]):
             return
         counts = raw(recv_counts, v.num_ranks, torch.int32)
         start, total = [], 0
@@ -516,7 +532,7 @@ class KernelModel:
                      max_tokens, row_bytes, num_sms, stream)
         self.on_launch("low_latency_combine_send", stream)
         v = self._view(view, "combine_send")
-        if not self._wait_all_ranks(v, self.slot["combine_free"], v.epoch - 1, self.phase["combine_free"]):
+        if not self._wait_all_ranks(v, self.slot["combine_free"], epoch_before(v.epoch), self.phase["combine_free"]):
             return
         slots = raw(slot_of, num_rows * num_topk, torch.int64)
         src, src_r = raw(src_idx, num_rows, torch.int32), raw(src_rank, num_rows, torch.int32)
