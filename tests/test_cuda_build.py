@@ -47,7 +47,9 @@ def test_layout_arithmetic_matches_python(row_bytes, scales, topk):
     assert sorted(ext.KERNEL_IDS.values()) == list(range(len(ext.KERNEL_IDS)))
     assert slots["blocks_done"] + len(ext.KERNEL_IDS) <= slots["epochs"]
     assert slots["epochs"] + len(ext.KERNEL_IDS) <= slots["launch_failed"]
-    assert (slots["launch_failed"] + len(ext.KERNEL_IDS)) * 4 <= ext.HEADER_BYTES
+    assert slots["launch_failed"] + len(ext.KERNEL_IDS) <= slots["abort"]
+    assert (slots["abort"] + 1) * 4 <= ext.HEADER_BYTES
+    assert ext.PHASES["peer_aborted"] not in {v for k, v in ext.PHASES.items() if k != "peer_aborted"}
     assert ext.MAX_RANKS == 8 and ext.MAX_TOPK == 32
 
 

@@ -124,6 +124,7 @@ PYBIND11_MODULE(MOE_COMM_MODULE, m) {
   slots["blocks_done"] = int(kSlotBlocksDone);
   slots["epochs"] = int(kSlotEpochs);
   slots["launch_failed"] = int(kSlotLaunchFailed);
+  slots["abort"] = int(kSlotAbort);
   m.attr("HEADER_SLOTS") = slots;
   py::dict kernels;  // index of each kernel's counters in the blocks_done and epochs slot arrays
   kernels["dispatch_send"] = int(kDispatchSend);
@@ -138,6 +139,7 @@ PYBIND11_MODULE(MOE_COMM_MODULE, m) {
   phases["combine_free"] = int(kPhaseCombineFree);
   phases["combine_arrive"] = int(kPhaseCombineArrive);
   phases["overflow"] = int(kPhaseOverflow);
+  phases["peer_aborted"] = int(kPhasePeerAborted);
   m.attr("PHASES") = phases;
 
   m.def("device_alloc_zeroed", &device_alloc_zeroed, py::arg("device"), py::arg("bytes"));

@@ -167,6 +167,37 @@ constexpr int kIntranodeThreads = 512;  // threads per block of every intranode 
 
 __device__ __forceinline__ int* header_of(const PeerView& v, int rank) { return reinterpret_cast<int*>(v.peers[rank]); }
 
+// Spin until this rank's header[slot + peer] reaches epoch `expected`, bounded by the view's timeout. A wait that
+// expires records it and sets the abort word of every rank's buffer; a wait that finds this rank's abort word set
+// gives up at once and records the rank that set it. Without that, once one rank's wait expired (a peer gone),
+// every wave of blocks and every kernel already queued on every rank would wait out its own timeout in turn.
+__device__ __forceinline__ bool wait_flag_or_abort(const PeerView& v, int slot, int peer, int expected, int phase) {
+  const int* own = header_of(v, v.rank);
+  const unsigned long long start = global_timer_ns();
+  for (;;) {
+    const int value = ld_acquire_sys(own + slot + peer);
+    if (epoch_reached(value, expected)) return true;
+    const int aborted_by = ld_acquire_sys(own + kSlotAbort);
+    if (aborted_by != 0) {
+      record_error(v.err, v.rank, aborted_by - 1, kPhasePeerAborted, expected, value);
+      return false;
+    }
+    if (static_cast<long long>(global_timer_ns() - start) > v.timeout_ns) {
+      record_error(v.err, v.rank, peer, phase, expected, value);
+      for (int r = 0; r < v.num_ranks; ++r) st_release_sys(header_of(v, r) + kSlotAbort, v.rank + 1);
+      return false;
+    }
+  }
+}
+
+// Threads 0..num_ranks-1 each wait (wait_flag_or_abort) for this rank's header[slot + thread] to reach epoch
+// `expected`; returns to every thread of the block whether all waits succeeded. Must be reached by the whole block.
+__device__ __forceinline__ bool block_wait_all_ranks(const PeerView& v, int slot, int expected, int phase) {
+  int ok = 1;
+  if (threadIdx.x < v.num_ranks) ok = wait_flag_or_abort(v, slot, threadIdx.x, expected, phase) ? 1 : 0;
+  return __syncthreads_and(ok) != 0;
+}
+
 // The view a kernel of the protocol runs with: the host's, at one past the last epoch `kernel` completed on
 // this rank (flags are compared against epochs, which only move forward, so nothing is ever reset between calls).
 __device__ __forceinline__ PeerView launch_view(const PeerView& host, int kernel) {

@@ -32,7 +32,10 @@ enum HeaderSlot : int {
   // the previous receive of its family ran waits (and times out) instead of reusing that receive's epoch.
   kSlotEpochs = kSlotBlocksDone + 8,
   kSlotLaunchFailed = kSlotEpochs + 8,                 // [kNumKernels] local: a block of the running launch timed out
-  kHeaderInts = kSlotLaunchFailed + 8,
+  // [1] by any rank: 1 + the first rank whose wait on these buffers expired, 0 while none has. Never cleared (the
+  // host refuses launches on the buffers from then on): every later wait on this rank gives up at once.
+  kSlotAbort = kSlotLaunchFailed + 8,
+  kHeaderInts = kSlotAbort + 1,
 };
 
 // The protocol's kernels, for their header counters; the low-latency combine kernels count as the combine's.

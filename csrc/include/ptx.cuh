@@ -27,6 +27,7 @@ enum Phase : int {
   kPhaseCombineFree = 4,
   kPhaseCombineArrive = 5,
   kPhaseOverflow = 6,       // a row position beyond the region or output capacity (host sizing bug)
+  kPhasePeerAborted = 7,    // a wait gave up because another rank's wait on the buffers had expired (`peer`)
 };
 
 // Error record written to host-mapped memory when a bounded wait expires or a capacity check fails.
@@ -117,17 +118,6 @@ __device__ __forceinline__ bool wait_reached(const int* p, int expected, long lo
     }
   }
   return true;
-}
-
-// Threads 0..num_ranks-1 each wait for header[slot + thread] to reach epoch `expected`; returns (to every thread of the
-// block) whether all waits succeeded. Must be reached by the whole block.
-__device__ __forceinline__ bool block_wait_all_ranks(const int* header, int slot, int num_ranks, int expected,
-                                                     long long timeout_ns, TimeoutRecord* err, int rank,
-                                                     int phase) {
-  int ok = 1;
-  if (threadIdx.x < num_ranks)
-    ok = wait_reached(header + slot + threadIdx.x, expected, timeout_ns, err, rank, threadIdx.x, phase) ? 1 : 0;
-  return __syncthreads_and(ok) != 0;
 }
 
 // Called by thread 0 of every block once the block's memory operations are issued: makes them visible

@@ -17,8 +17,7 @@ __global__ void __launch_bounds__(kIntranodeThreads) combine_send_kernel(Combine
   const PeerView v = launch_view(a.view, kCombineSend);
   int* own = header_of(v, v.rank);
   // Every token owner must have reduced what we returned in the previous epoch.
-  const bool ok = block_wait_all_ranks(own, kSlotCombineFree, v.num_ranks, epoch_before(v.epoch),
-                                       v.timeout_ns, v.err, v.rank, kPhaseCombineFree);
+  const bool ok = block_wait_all_ranks(v, kSlotCombineFree, epoch_before(v.epoch), kPhaseCombineFree);
   if (ok) {
     __shared__ int s_start[kMaxRanks + 1];
     if (threadIdx.x == 0) {
@@ -58,8 +57,7 @@ __global__ void __launch_bounds__(kIntranodeThreads) combine_recv_kernel(Combine
   constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
   const PeerView v = launch_view(a.view, kCombineRecv);
   int* own = header_of(v, v.rank);
-  const bool ok = block_wait_all_ranks(own, kSlotCombineFlag, v.num_ranks, v.epoch, v.timeout_ns, v.err, v.rank,
-                                       kPhaseCombineArrive);
+  const bool ok = block_wait_all_ranks(v, kSlotCombineFlag, v.epoch, kPhaseCombineArrive);
   if (ok) {
     const size_t row_bytes = size_t(a.hidden) * sizeof(T);
     const size_t rec_bytes = combine_record_bytes(row_bytes, a.num_topk);

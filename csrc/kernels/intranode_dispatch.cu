@@ -96,8 +96,7 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_send_kernel(Dis
   const PeerView v = launch_view(a.view, kDispatchSend);
   int* own = header_of(v, v.rank);
   // Every destination must have read out what we wrote in the previous epoch before we overwrite it.
-  const bool ok = block_wait_all_ranks(own, kSlotDispatchFree, v.num_ranks, epoch_before(v.epoch),
-                                       v.timeout_ns, v.err, v.rank, kPhaseDispatchFree);
+  const bool ok = block_wait_all_ranks(v, kSlotDispatchFree, epoch_before(v.epoch), kPhaseDispatchFree);
   if (ok) {
     const RecordLayout rec(a.row_bytes, a.num_scales, a.num_topk);
     const auto [lane, warp, num_warps] = warp_index();
@@ -134,8 +133,7 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_send_kernel(Dis
 __global__ void __launch_bounds__(kIntranodeThreads) dispatch_recv_kernel(DispatchRecvArgs a) {
   const PeerView v = launch_view(a.view, kDispatchRecv);
   int* own = header_of(v, v.rank);
-  const bool ok = block_wait_all_ranks(own, kSlotDispatchFlag, v.num_ranks, v.epoch, v.timeout_ns, v.err, v.rank,
-                                       kPhaseDispatchArrive);
+  const bool ok = block_wait_all_ranks(v, kSlotDispatchFlag, v.epoch, kPhaseDispatchArrive);
   if (ok) {
     __shared__ int s_start[kMaxRanks + 1];
     if (threadIdx.x == 0) {

@@ -94,8 +94,7 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) ll_combine_send_kernel(L
   const PeerView v = launch_view(a.view, kCombineSend);
   int* own = header_of(v, v.rank);
   // Every token rank must have summed what we returned in the previous combine-family epoch.
-  const bool ok = block_wait_all_ranks(own, kSlotCombineFree, v.num_ranks, epoch_before(v.epoch),
-                                       v.timeout_ns, v.err, v.rank, kPhaseCombineFree);
+  const bool ok = block_wait_all_ranks(v, kSlotCombineFree, epoch_before(v.epoch), kPhaseCombineFree);
   if (ok) {
     const auto [lane, warp, num_warps] = warp_index();
     const uint8_t* x = static_cast<const uint8_t*>(a.x);
@@ -122,8 +121,7 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) ll_combine_recv_kernel(L
   constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
   const PeerView v = launch_view(a.view, kCombineRecv);
   int* own = header_of(v, v.rank);
-  const bool ok = block_wait_all_ranks(own, kSlotCombineFlag, v.num_ranks, v.epoch, v.timeout_ns, v.err, v.rank,
-                                       kPhaseCombineArrive);
+  const bool ok = block_wait_all_ranks(v, kSlotCombineFlag, v.epoch, kPhaseCombineArrive);
   if (ok) {
     const auto [lane, warp, num_warps] = warp_index();
     const size_t row_bytes = size_t(a.hidden) * sizeof(T);

@@ -272,8 +272,9 @@ def check_receive_alone_times_out() -> str:
 
 
 def check_missing_sender_times_out(world: int, case: Case, timeout_s: float = 0.05) -> list[str]:
-    """The last rank's dispatch_send never runs: every rank's receive records that rank's arrive flag, each
-    buffer raises CommTimeoutError naming its own rank, and :meth:`raise_if_failed` of the emulator raises."""
+    """The last rank's dispatch_send never runs: the first receive to time out records that rank's arrive flag,
+    the others give up naming the rank that timed out, each buffer raises CommTimeoutError naming its own rank,
+    and :meth:`raise_if_failed` of the emulator raises."""
     missing = world - 1
     xs, idxs, ws = _inputs(case, world)
     emu = _emulator(case, world, case.dtype, timeout_s=timeout_s)
@@ -293,9 +294,16 @@ def check_missing_sender_times_out(world: int, case: Case, timeout_s: float = 0.
             messages.append(str(exc))
         else:
             raise AssertionError(f"rank {rank}: the dispatch completed without rank {missing}'s send")
-        want = (f"rank {rank}: dispatch timed out after {timeout_s:g} s waiting for dispatch arrive flag of peer rank "
-                f"{missing} (expected >= 1, observed 0)")
-        assert messages[-1].startswith(want), messages[-1]
+    # The first wait to expire names the missing rank and sets every rank's abort word; waits that find it set give
+    # up at once and name the rank whose wait expired.
+    expired = [rank for rank, message in enumerate(messages) if message.startswith(
+        f"rank {rank}: dispatch timed out after {timeout_s:g} s waiting for dispatch arrive flag of peer rank "
+        f"{missing} (expected >= 1, observed 0)")]
+    assert expired, messages
+    for rank, message in enumerate(messages):
+        if rank not in expired:
+            assert any(f"waiting for rank {first}: its wait on the CUDA buffers expired first" in message
+                       for first in expired), message
     try:
         emu.raise_if_failed("dispatch")
     except CommTimeoutError as exc:

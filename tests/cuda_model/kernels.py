@@ -297,18 +297,26 @@ class KernelModel:
 
     def _wait_all_ranks(self, v: PeerView, slot: int, expected: int, phase: int) -> bool:
         """block_wait_all_ranks: threads 0..R-1 each spin until header[slot + thread] reaches epoch ``expected``
-        (:func:`epoch_reached`), all starting together, each bounded by timeout_ns; an expired wait records its
-        peer. True if every wait succeeded."""
+        (:func:`epoch_reached`), all starting together, each bounded by timeout_ns (wait_flag_or_abort). An
+        expired wait records its peer and sets every rank's abort word; a wait that finds this rank's abort word
+        set records the rank that set it and gives up. True if every wait succeeded."""
         own = v.header(v.rank)
+        abort = self.slot["abort"]
         start = time.monotonic_ns()
         pending = list(range(v.num_ranks))
         while True:
             pending = [r for r in pending if not epoch_reached(int(own[slot + r]), expected)]
             if not pending:
                 return True
+            aborted_by = int(own[abort])
+            if aborted_by:
+                self._record_error(v, aborted_by - 1, self.phase["peer_aborted"], expected, int(own[slot + pending[0]]))
+                return False
             if time.monotonic_ns() - start > v.timeout_ns:
                 for r in pending:
                     self._record_error(v, r, phase, expected, int(own[slot + r]))
+                for r in range(v.num_ranks):
+                    v.header(r)[abort] = v.rank + 1  # st_release_sys
                 return False
             time.sleep(POLL_S)
 
