@@ -15,7 +15,6 @@ namespace {
 
 __global__ void __launch_bounds__(kIntranodeThreads) combine_send_kernel(CombineSendArgs a) {
   const PeerView v = launch_view(a.view, kCombineSend);
-  int* own = header_of(v, v.rank);
   // Every token owner must have reduced what we returned in the previous epoch.
   const bool ok = block_wait_all_ranks(v, kSlotCombineFree, epoch_before(v.epoch), kPhaseCombineFree);
   if (ok) {
@@ -56,7 +55,6 @@ __global__ void __launch_bounds__(kIntranodeThreads) combine_recv_kernel(Combine
   using AccT = typename Acc<T>::type;
   constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
   const PeerView v = launch_view(a.view, kCombineRecv);
-  int* own = header_of(v, v.rank);
   const bool ok = block_wait_all_ranks(v, kSlotCombineFlag, v.epoch, kPhaseCombineArrive);
   if (ok) {
     const size_t row_bytes = size_t(a.hidden) * sizeof(T);

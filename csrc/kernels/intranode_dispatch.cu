@@ -94,7 +94,6 @@ __device__ __forceinline__ void cast_row_to_records(const DispatchSendArgs& a, c
 
 __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_send_kernel(DispatchSendArgs a) {
   const PeerView v = launch_view(a.view, kDispatchSend);
-  int* own = header_of(v, v.rank);
   // Every destination must have read out what we wrote in the previous epoch before we overwrite it.
   const bool ok = block_wait_all_ranks(v, kSlotDispatchFree, epoch_before(v.epoch), kPhaseDispatchFree);
   if (ok) {

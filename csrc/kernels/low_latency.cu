@@ -92,7 +92,6 @@ __global__ void __launch_bounds__(kThreads, 1) expert_major_kernel(ExpertMajorAr
 
 __global__ void __launch_bounds__(kIntranodeThreads, 1) ll_combine_send_kernel(LowLatencyCombineSendArgs a) {
   const PeerView v = launch_view(a.view, kCombineSend);
-  int* own = header_of(v, v.rank);
   // Every token rank must have summed what we returned in the previous combine-family epoch.
   const bool ok = block_wait_all_ranks(v, kSlotCombineFree, epoch_before(v.epoch), kPhaseCombineFree);
   if (ok) {
@@ -120,7 +119,6 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) ll_combine_recv_kernel(L
   using AccT = typename Acc<T>::type;
   constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
   const PeerView v = launch_view(a.view, kCombineRecv);
-  int* own = header_of(v, v.rank);
   const bool ok = block_wait_all_ranks(v, kSlotCombineFlag, v.epoch, kPhaseCombineArrive);
   if (ok) {
     const auto [lane, warp, num_warps] = warp_index();

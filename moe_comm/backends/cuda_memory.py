@@ -192,10 +192,10 @@ class SymmetricBuffer:
         if phase_name == "overflow":
             raise BufferCapacityError(rank, op, peer, observed, expected)
         if phase_name == "peer_aborted":
-            step = (f"rank {peer}: its wait on the CUDA buffers expired first, so this rank's gave up at once "
-                    f"(expected >= {expected}, observed {observed})")
+            what = f"rank {peer}: its wait on the CUDA buffers expired first, so this rank's gave up at once"
         else:
-            step = f"{phase_name.replace('_', ' ')} flag of peer rank {peer} (expected >= {expected}, observed {observed})"
+            what = f"{phase_name.replace('_', ' ')} flag of peer rank {peer}"
+        step = f"{what} (expected >= {expected}, observed {observed})"
         raise CommTimeoutError(rank, op, step, self.timeout_s,
                                "the CUDA symmetric buffer is now inconsistent: destroy the Buffer")
 

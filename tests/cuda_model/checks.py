@@ -327,6 +327,20 @@ def check_replayed_launches(case: Case, kind: str, replays: int = 2) -> None:
             _assert_same(out, eager(), f"rank {rank} {kind} replay {round_}")
 
 
+def _dispatch_without_last_sender(buf: Buffer, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                                  num_experts: int) -> str:
+    """Dispatch with the last rank's dispatch_send skipped; the CommTimeoutError's message (AssertionError if the
+    dispatch completed)."""
+    rank, missing = dist.get_rank(), dist.get_world_size() - 1
+    skip_send = launcher_replaced("dispatch_send", lambda send: lambda *args: None) if rank == missing else contextlib.nullcontext()
+    with skip_send:
+        try:
+            buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts)
+        except CommTimeoutError as exc:
+            return str(exc)
+    raise AssertionError(f"rank {rank}: the dispatch completed without rank {missing}'s send")
+
+
 def check_missing_sender_times_out(case: Case, timeout_s: float = 1.0) -> str:
     """The last rank's dispatch_send never runs: every rank's receive waits for its flag, the first wait to expire
     records that rank and sets every rank's abort word, the other waits (of every block and every rank) give up
@@ -338,16 +352,9 @@ def check_missing_sender_times_out(case: Case, timeout_s: float = 1.0) -> str:
     # Left undestroyed: its buffers are inconsistent now. Four blocks: on the simt kernels a launch runs its blocks
     # one after another, so without the abort word each block would wait out the timeout in turn.
     buf = Buffer(backend=MODEL_BACKEND, timeout_s=timeout_s, num_sms=4)
-    skip_send = launcher_replaced("dispatch_send", lambda send: lambda *args: None) if rank == missing else contextlib.nullcontext()
-    with skip_send:
-        start = time.monotonic()
-        try:
-            buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=case.experts_per_rank * world)
-        except CommTimeoutError as exc:
-            message = str(exc)
-        else:
-            raise AssertionError(f"rank {rank}: the dispatch completed without rank {missing}'s send")
-        elapsed = time.monotonic() - start
+    start = time.monotonic()
+    message = _dispatch_without_last_sender(buf, x, idx, w, case.experts_per_rank * world)
+    elapsed = time.monotonic() - start
     assert elapsed < 2.5 * timeout_s, f"rank {rank}: the timeout took {elapsed:.1f} s (blocks waited in turn?)"
     assert "(expected >= 1, observed 0)" in message, message
     if f"dispatch arrive flag of peer rank {missing} " in message:
@@ -380,12 +387,13 @@ def _set_epochs(buf: Buffer, epoch: int) -> None:
     free slots all at ``epoch``. Collective; the Buffer must be idle (its last call synchronous)."""
     mem = buf._backend._mem  # type: ignore[union-attr]
     assert mem is not None, "the Buffer has not sized its symmetric buffers yet"
-    slots = dict(cuda_memory._ext().HEADER_SLOTS)
+    ext = cuda_memory._ext()
+    slots = dict(ext.HEADER_SLOTS)
     header = raw(mem.base, slots["launch_failed"], torch.int32)
     dist.barrier()
     for name in ("dispatch_flag", "dispatch_free", "combine_flag", "combine_free"):
         header[slots[name] : slots[name] + mem.num_ranks] = epoch
-    header[slots["epochs"] : slots["epochs"] + 4] = epoch
+    header[slots["epochs"] : slots["epochs"] + len(ext.KERNEL_IDS)] = epoch
     dist.barrier()
 
 
@@ -410,15 +418,7 @@ def check_epochs_wrap(case: Case, timeout_s: float = 1.0) -> None:
     buf = Buffer(backend=MODEL_BACKEND, timeout_s=timeout_s, num_sms=2)  # left undestroyed: it times out
     buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts)
     _set_epochs(buf, int_max)
-    missing = world - 1
-    skip_send = launcher_replaced("dispatch_send", lambda send: lambda *args: None) if rank == missing else contextlib.nullcontext()
-    with skip_send:
-        try:
-            buf.dispatch(x, topk_idx=idx, topk_weights=w, num_experts=num_experts)
-        except CommTimeoutError as exc:
-            message = str(exc)
-        else:
-            raise AssertionError(f"rank {rank}: at the epoch wrap a dispatch completed without rank {missing}'s send")
+    message = _dispatch_without_last_sender(buf, x, idx, w, num_experts)
     assert f"(expected >= {-(2**31)}, observed {int_max})" in message, message
 
 
