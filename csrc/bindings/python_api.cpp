@@ -177,7 +177,7 @@ PYBIND11_MODULE(MOE_COMM_MODULE, m) {
       "dispatch_recv",
       [](py::tuple view, uint64_t recv_x, uint64_t recv_scales, uint64_t recv_topk_idx, uint64_t recv_topk_weights,
          uint64_t recv_src_idx, uint64_t recv_src_rank, uint64_t recv_counts, int max_rows, int row_bytes,
-         int num_scales, int num_topk, int capacity_rows, int num_sms, uint64_t stream) {
+         int num_scales, int num_topk, int capacity_rows, bool pad_rows, int num_sms, uint64_t stream) {
         DispatchRecvArgs a{peer_view(view),
                            as_ptr<void>(recv_x, "recv_x", true),
                            as_ptr<float>(recv_scales, "recv_scales", true),
@@ -186,13 +186,13 @@ PYBIND11_MODULE(MOE_COMM_MODULE, m) {
                            as_ptr<int>(recv_src_idx, "recv_src_idx", true),
                            as_ptr<int>(recv_src_rank, "recv_src_rank", true),
                            as_ptr<int>(recv_counts, "recv_counts"),
-                           max_rows, row_bytes, num_scales, num_topk, capacity_rows};
+                           max_rows, row_bytes, num_scales, num_topk, capacity_rows, pad_rows ? 1 : 0};
         launch_dispatch_recv(a, num_sms, as_stream(stream));
       },
       py::arg("view"), py::arg("recv_x"), py::arg("recv_scales"), py::arg("recv_topk_idx"),
       py::arg("recv_topk_weights"), py::arg("recv_src_idx"), py::arg("recv_src_rank"), py::arg("recv_counts"),
       py::arg("max_rows"), py::arg("row_bytes"), py::arg("num_scales"), py::arg("num_topk"),
-      py::arg("capacity_rows"), py::arg("num_sms"), py::arg("stream"));
+      py::arg("capacity_rows"), py::arg("pad_rows"), py::arg("num_sms"), py::arg("stream"));
   m.def(
       "combine_send",
       [](py::tuple view, uint64_t x, uint64_t topk_weights, uint64_t recv_counts, int row_bytes, int num_topk,
@@ -303,6 +303,17 @@ PYBIND11_MODULE(MOE_COMM_MODULE, m) {
       py::arg("topk_idx"), py::arg("num_tokens"), py::arg("num_topk"), py::arg("num_experts"), py::arg("num_ranks"),
       py::arg("num_tokens_per_rank"), py::arg("num_tokens_per_expert"), py::arg("is_token_in_rank"),
       py::arg("num_sms"), py::arg("stream"));
+  m.def(
+      "routing_plan",
+      [](uint64_t is_token_in_rank, int num_tokens, int num_ranks, uint64_t send_pos, uint64_t send_token_idx,
+         int num_sent, uint64_t recv_counts, int num_sms, uint64_t stream) {
+        launch_routing_plan(as_ptr<const bool>(is_token_in_rank, "is_token_in_rank", num_tokens == 0), num_tokens,
+                            num_ranks, as_ptr<int>(send_pos, "send_pos", num_tokens == 0),
+                            as_ptr<int64_t>(send_token_idx, "send_token_idx", num_sent == 0), num_sent,
+                            as_ptr<int>(recv_counts, "recv_counts"), num_sms, as_stream(stream));
+      },
+      py::arg("is_token_in_rank"), py::arg("num_tokens"), py::arg("num_ranks"), py::arg("send_pos"),
+      py::arg("send_token_idx"), py::arg("num_sent"), py::arg("recv_counts"), py::arg("num_sms"), py::arg("stream"));
   m.def(
       "sm_copy",
       [](uint64_t dst, uint64_t src, size_t bytes, int num_sms, uint64_t stream) {

@@ -59,6 +59,7 @@ struct DispatchRecvArgs {
   int num_scales;
   int num_topk;                // K carried in the records (0 when none)
   int capacity_rows;
+  int pad_rows;                // nonzero: rows [received, max_rows) get the padding (zeros, ids and sources -1)
 };
 
 struct CombineSendArgs {

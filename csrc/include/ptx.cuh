@@ -155,6 +155,12 @@ __device__ __forceinline__ void warp_copy16(void* dst, const void* src, size_t b
   for (; i < n; i += 32) d[i] = s[i];
 }
 
+// A warp zeroes `bytes` (a multiple of 16, 16-byte aligned) at dst.
+__device__ __forceinline__ void warp_zero16(void* dst, size_t bytes, int lane) {
+  int4* d = static_cast<int4*>(dst);
+  for (size_t i = lane; i < bytes / 16; i += 32) d[i] = make_int4(0, 0, 0, 0);
+}
+
 // FP8 (e4m3) per-token cast with one float32 scale per kFp8Block channels, shared by the standalone cast
 // kernel and the dispatch send kernel's fused cast: scale = max(amax, 1e-4) / 448, q = x / scale (IEEE
 // division), rounded to nearest even with saturation. Bit-exact with moe_comm.fp8.per_token_cast_to_fp8.

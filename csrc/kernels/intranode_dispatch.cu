@@ -129,6 +129,21 @@ __global__ void __launch_bounds__(kIntranodeThreads, 1) dispatch_send_kernel(Dis
   }
 }
 
+// Output row i of a worst-case receive that no source filled: zeros, top-k ids and the source -1.
+__device__ __forceinline__ void write_padding_row(const DispatchRecvArgs& a, int i, uint8_t* recv_x, int lane) {
+  warp_zero16(recv_x + size_t(i) * a.row_bytes, a.row_bytes, lane);
+  if (a.recv_scales != nullptr)
+    for (int k = lane; k < a.num_scales; k += 32) a.recv_scales[size_t(i) * a.num_scales + k] = 0.0f;
+  if (lane < a.num_topk) {
+    if (a.recv_topk_idx != nullptr) a.recv_topk_idx[size_t(i) * a.num_topk + lane] = -1;
+    if (a.recv_topk_weights != nullptr) a.recv_topk_weights[size_t(i) * a.num_topk + lane] = 0.0f;
+  }
+  if (lane == 0) {
+    if (a.recv_src_idx != nullptr) a.recv_src_idx[i] = -1;
+    if (a.recv_src_rank != nullptr) a.recv_src_rank[i] = -1;
+  }
+}
+
 __global__ void __launch_bounds__(kIntranodeThreads) dispatch_recv_kernel(DispatchRecvArgs a) {
   const PeerView v = launch_view(a.view, kDispatchRecv);
   int* own = header_of(v, v.rank);
@@ -180,6 +195,9 @@ __global__ void __launch_bounds__(kIntranodeThreads) dispatch_recv_kernel(Dispat
         if (a.recv_src_idx != nullptr) a.recv_src_idx[i] = reinterpret_cast<const int*>(src + rec.src_idx)[0];
         if (a.recv_src_rank != nullptr) a.recv_src_rank[i] = s;
       }
+    }
+    if (a.pad_rows) {
+      for (int i = total + warp; i < a.max_rows; i += num_warps) write_padding_row(a, i, recv_x, lane);
     }
   }
   release_on_every_rank_when_done(v, kDispatchRecv, kSlotDispatchFree, ok);

@@ -46,7 +46,75 @@ __global__ void layout_kernel(const int64_t* __restrict__ topk_idx, int num_toke
     if (s_expert[i]) atomicAdd(&per_expert[i], s_expert[i]);
 }
 
+// The sum over the block of every thread's `value`; every thread gets it. `scratch` holds a value per warp.
+__device__ __forceinline__ int block_sum(int value, int* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, num_warps = blockDim.x / 32;
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) value += __shfl_xor_sync(0xffffffffu, value, off);
+  if (lane == 0) scratch[warp] = value;
+  __syncthreads();
+  int total = 0;
+  for (int w = 0; w < num_warps; ++w) total += scratch[w];
+  __syncthreads();  // scratch is free again
+  return total;
+}
+
+// A rank's routing plan, one block per destination rank r (grid-stride over ranks): send_pos[t, r] is the
+// position of token t among the tokens for r (-1 where t does not go to r), by a block-wide scan down the
+// column in chunks of blockDim tokens; send_token_idx (null to skip) lists the tokens rank-major, then in
+// token order, in its first num_sent entries, -1 after the last listed token; recv_counts [R] is zeroed.
+__global__ void routing_plan_kernel(const bool* __restrict__ in_rank, int num_tokens, int num_ranks, int* send_pos,
+                                    int64_t* send_token_idx, int num_sent, int* recv_counts) {
+  __shared__ int s_warp[kThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (blockIdx.x == 0)
+    for (int i = threadIdx.x; i < num_ranks; i += blockDim.x) recv_counts[i] = 0;
+  for (int r = blockIdx.x; r < num_ranks; r += gridDim.x) {
+    // Where r's tokens start in send_token_idx: after the tokens of every rank before it.
+    int before = 0;
+    for (int t = threadIdx.x; t < num_tokens; t += blockDim.x)
+      for (int q = 0; q < r; ++q) before += in_rank[size_t(t) * num_ranks + q];
+    const int start = block_sum(before, s_warp);
+
+    int count = 0;  // r's tokens in the chunks done
+    for (int chunk = 0; chunk < num_tokens; chunk += blockDim.x) {
+      const int t = chunk + threadIdx.x;
+      const bool hit = t < num_tokens && in_rank[size_t(t) * num_ranks + r];
+      const unsigned ballot = __ballot_sync(0xffffffffu, hit);
+      if (lane == 0) s_warp[warp] = __popc(ballot);
+      __syncthreads();
+      int below = __popc(ballot & ((1u << lane) - 1u)), in_chunk = 0;
+      for (int w = 0; w < int(blockDim.x / 32); ++w) {
+        if (w < warp) below += s_warp[w];
+        in_chunk += s_warp[w];
+      }
+      if (t < num_tokens) {
+        const int pos = count + below;
+        send_pos[size_t(t) * num_ranks + r] = hit ? pos : -1;
+        if (hit && send_token_idx != nullptr && start + pos < num_sent) send_token_idx[start + pos] = t;
+      }
+      count += in_chunk;
+      __syncthreads();  // s_warp is rewritten by the next chunk
+    }
+    if (r == num_ranks - 1 && send_token_idx != nullptr)
+      for (int i = start + count + threadIdx.x; i < num_sent; i += blockDim.x) send_token_idx[i] = -1;
+  }
+}
+
 }  // namespace
+
+void launch_routing_plan(const bool* is_token_in_rank, int num_tokens, int num_ranks, int* send_pos,
+                         int64_t* send_token_idx, int num_sent, int* recv_counts, int num_sms, cudaStream_t stream) {
+  MC_CHECK(num_ranks >= 1 && num_ranks <= 32, "num_ranks must be in [1, 32]");
+  MC_CHECK(num_tokens >= 0 && num_sent >= 0, "num_tokens and num_sent must be >= 0");
+  MC_CHECK(num_sms >= 1, "num_sms must be >= 1");
+  MC_CHECK(num_tokens == 0 || (is_token_in_rank != nullptr && send_pos != nullptr),
+           "is_token_in_rank/send_pos: null pointer");
+  MC_CHECK(num_sent == 0 || send_token_idx != nullptr, "send_token_idx: null pointer with num_sent > 0");
+  MC_CHECK(recv_counts != nullptr, "recv_counts: null pointer");
+  launch_kernel(routing_plan_kernel, std::min(num_sms, num_ranks), kThreads, 0, stream, is_token_in_rank, num_tokens,
+                num_ranks, send_pos, send_token_idx, num_sent, recv_counts);
+}
 
 void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts,
                                 int num_ranks, int* num_tokens_per_rank, int* num_tokens_per_expert,

@@ -212,6 +212,7 @@ class CudaBackend(CommBackend):
         world, rank = self.context.world_size, self.context.rank
         num_tokens, hidden = x.shape
         row_bytes = ops.row_bytes_of(x)
+        stream = torch.cuda.current_stream(self._device)
         expert_counts: list[int] = []
         count_on_arrival = False
         send_counts = recv_counts = None
@@ -229,7 +230,9 @@ class CudaBackend(CommBackend):
                 send_counts = tuple(int(v) for v in matrix[rank].tolist())
                 recv_counts = tuple(int(v) for v in matrix[:, rank].tolist())
                 max_rows, num_recv = int(matrix.max()), sum(recv_counts)
-            plan = ops.make_plan(request.is_token_in_rank.to(self._device), request.num_tokens_per_rank.to(self._device), max_rows, num_recv)
+            num_sent = num_tokens * world if worst else sum(send_counts)
+            plan = ops.make_plan(request.is_token_in_rank.to(self._device), request.num_tokens_per_rank.to(self._device),
+                                 max_rows, num_recv, request.num_sms, stream, num_sent=num_sent)
         else:
             plan = cached.backend_state
             worst = cached.num_worst_tokens
@@ -239,20 +242,16 @@ class CudaBackend(CommBackend):
         mem = self._buffers("dispatch", max(plan.max_rows, 1) * record, 0)
         out = ops.allocate_dispatch_outputs(plan, x, num_scales, num_topk, request.topk_weights is not None,
                                             with_src=cached is None, padded=worst > 0)
-        stream = torch.cuda.current_stream(self._device)
         ops.dispatch_send(mem, plan, x, scales, request.topk_idx, request.topk_weights,
                           request.num_experts // world, request.num_sms, stream)
         ops.dispatch_recv(mem, plan, out, request.num_sms, stream)
 
         if cached is None:
-            in_rank_t = plan.is_token_in_rank.t()
-            if worst:
-                send_token_idx = torch.nonzero_static(in_rank_t, size=num_tokens * world, fill_value=-1)[:, 1].contiguous()
+            if worst:  # no counts on the host: -1 throughout, as the torch backend's worst-case handle has
                 prefix = torch.full((world, world), -1, dtype=torch.int32, device=self._device)
             else:
-                send_token_idx = in_rank_t.nonzero()[:, 1].contiguous()
                 prefix = matrix.to(torch.int64).cumsum(dim=0).to(self._device, torch.int32)
-            assert out.recv_src_idx is not None and out.recv_src_rank is not None
+            assert out.recv_src_idx is not None and out.recv_src_rank is not None and plan.send_token_idx is not None
             handle = DispatchHandle(
                 buffer_id=self.context.buffer_id,
                 backend=self.name,
@@ -264,7 +263,7 @@ class CudaBackend(CommBackend):
                 is_token_in_rank=plan.is_token_in_rank,
                 num_tokens_per_rank=plan.num_tokens_per_rank,
                 rank_prefix_matrix=prefix,
-                send_token_idx=send_token_idx,
+                send_token_idx=plan.send_token_idx,
                 recv_src_idx=out.recv_src_idx,
                 recv_src_rank=out.recv_src_rank,
                 num_recv_tokens=plan.num_recv_rows,
@@ -343,13 +342,13 @@ class CudaBackend(CommBackend):
         # With FP8 the send kernel casts each row as it sends it (one read of x, no FP8 copy in between).
         wire_dtype = torch.float8_e4m3fn if use_fp8 else x.dtype
         num_scales = num_scale_blocks(hidden) if use_fp8 else 0
-        plan = ops.make_plan(in_rank, per_rank, max_tokens, slots)
+        stream = torch.cuda.current_stream(self._device)
+        plan = ops.make_plan(in_rank, per_rank, max_tokens, slots, sms, stream)
         record = ops.dispatch_record_bytes(ops.row_bytes_of(x, wire_dtype), num_scales, num_topk)
         # Sized for the combine of these rows too (bf16 expert outputs, one per choice), so that a combine does
         # not reallocate the buffers while a hooked receive of this dispatch may still be pending.
         mem = self._buffers("low_latency_dispatch", max_tokens * record, max_tokens * num_topk * hidden * 2)
         rows = ops.allocate_dispatch_outputs(plan, x, num_scales, num_topk, False, with_src=True, padded=True, dtype=wire_dtype)
-        stream = torch.cuda.current_stream(self._device)
         ops.dispatch_send(mem, plan, x, None, topk_idx, None, epr, sms, stream, cast_fp8=use_fp8)
 
         dev = self._device

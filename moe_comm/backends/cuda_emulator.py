@@ -95,7 +95,9 @@ class MultiRankEmulator:
         layouts = [cuda_dispatch_layout(idx, num_experts, r, num_sms) for idx in topk_idx]
         matrix = torch.stack([per_rank for per_rank, _, _ in layouts]).cpu()  # [src, dst]
         max_rows = int(matrix.max()) if matrix.numel() else 0
-        return [ops.make_plan(in_rank, per_rank, max_rows, int(matrix[:, d].sum())) for d, (per_rank, _, in_rank) in enumerate(layouts)]
+        stream = torch.cuda.current_stream(self.device)
+        return [ops.make_plan(in_rank, per_rank, max_rows, int(matrix[:, d].sum()), num_sms, stream)
+                for d, (per_rank, _, in_rank) in enumerate(layouts)]
 
     def dispatch(
         self,

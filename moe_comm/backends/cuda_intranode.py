@@ -88,6 +88,8 @@ class RoutingPlan:
         max_rows: the most rows any rank sends any rank in this dispatch (the same on every rank); it sizes
             the regions.
         num_recv_rows: N, rows of the receive outputs (``num_worst_tokens`` in worst-case mode).
+        send_token_idx: ``[S]`` int64, the tokens sent, destination-major then token order, -1 after them
+            (the handle's ``send_token_idx``), or None where the call did not ask for it.
     """
 
     is_token_in_rank: torch.Tensor
@@ -96,19 +98,37 @@ class RoutingPlan:
     recv_counts: torch.Tensor
     max_rows: int
     num_recv_rows: int
+    send_token_idx: torch.Tensor | None = None
 
 
-def make_plan(is_token_in_rank: torch.Tensor, num_tokens_per_rank: torch.Tensor, max_rows: int, num_recv_rows: int) -> RoutingPlan:
-    """Positions by a prefix sum down the token axis (one small device op, no host synchronisation)."""
+def make_plan(
+    is_token_in_rank: torch.Tensor,
+    num_tokens_per_rank: torch.Tensor,
+    max_rows: int,
+    num_recv_rows: int,
+    num_sms: int,
+    stream: torch.cuda.Stream,
+    num_sent: int | None = None,
+) -> RoutingPlan:
+    """The plan of ``is_token_in_rank [T, R]`` by the routing-plan kernel (``num_sms`` blocks at most, no host
+    synchronisation): positions by a scan down the token axis and, with ``num_sent``, the ``[num_sent]`` list
+    of sent tokens."""
     in_rank = is_token_in_rank.contiguous()
-    send_pos = (torch.cumsum(in_rank, dim=0, dtype=torch.int32) - 1).contiguous()
+    num_tokens, num_ranks = in_rank.shape
+    dev = in_rank.device
+    send_pos = torch.empty(num_tokens, num_ranks, dtype=torch.int32, device=dev)
+    recv_counts = torch.empty(num_ranks, dtype=torch.int32, device=dev)
+    send_token_idx = None if num_sent is None else torch.empty(num_sent, dtype=torch.int64, device=dev)
+    _ext().routing_plan(_ptr(in_rank), num_tokens, num_ranks, _ptr(send_pos), _ptr(send_token_idx), num_sent or 0,
+                        recv_counts.data_ptr(), num_sms, stream.cuda_stream)
     return RoutingPlan(
         is_token_in_rank=in_rank,
         send_pos=send_pos,
         num_tokens_per_rank=num_tokens_per_rank.to(torch.int32).contiguous(),
-        recv_counts=torch.zeros(in_rank.shape[1], dtype=torch.int32, device=in_rank.device),
+        recv_counts=recv_counts,
         max_rows=int(max_rows),
         num_recv_rows=int(num_recv_rows),
+        send_token_idx=send_token_idx,
     )
 
 
@@ -123,6 +143,7 @@ class DispatchOutputs:
     recv_src_idx: torch.Tensor | None
     recv_src_rank: torch.Tensor | None
     recv_counts: torch.Tensor
+    padded: bool = False
 
 
 def allocate_dispatch_outputs(
@@ -136,26 +157,22 @@ def allocate_dispatch_outputs(
     dtype: torch.dtype | None = None,
 ) -> DispatchOutputs:
     """Outputs of ``plan.num_recv_rows`` rows of ``x``'s width (and of ``dtype``, default ``x``'s: FP8 for a
-    fused cast); in worst-case mode (``padded``) filled with the padding values (zeros, top-k id -1, source -1)
-    so the kernel only writes the valid rows."""
+    fused cast), uninitialised: the receive kernel writes every row, in worst-case mode (``padded``) the rows
+    no source filled with the padding values (zeros, top-k id -1, source -1) too."""
     rows, hidden, dev = plan.num_recv_rows, x.shape[1], x.device
-    new = torch.zeros if padded else torch.empty
-
-    def ids(cols: int) -> torch.Tensor:
-        return torch.full((rows, cols), -1, dtype=torch.int64, device=dev) if padded else torch.empty(rows, cols, dtype=torch.int64, device=dev)
-
     src_idx = src_rank = None
     if with_src:
-        src_idx = ids(1).squeeze(1).to(torch.int32) if padded else torch.empty(rows, dtype=torch.int32, device=dev)
-        src_rank = torch.full((rows,), -1, dtype=torch.int32, device=dev) if padded else torch.empty(rows, dtype=torch.int32, device=dev)
+        src_idx = torch.empty(rows, dtype=torch.int32, device=dev)
+        src_rank = torch.empty(rows, dtype=torch.int32, device=dev)
     return DispatchOutputs(
-        recv_x=new(rows, hidden, dtype=dtype or x.dtype, device=dev),
-        recv_scales=new(rows, num_scales, dtype=torch.float32, device=dev) if num_scales else None,
-        recv_topk_idx=ids(num_topk) if num_topk else None,
-        recv_topk_weights=new(rows, num_topk, dtype=torch.float32, device=dev) if num_topk and has_weights else None,
+        recv_x=torch.empty(rows, hidden, dtype=dtype or x.dtype, device=dev),
+        recv_scales=torch.empty(rows, num_scales, dtype=torch.float32, device=dev) if num_scales else None,
+        recv_topk_idx=torch.empty(rows, num_topk, dtype=torch.int64, device=dev) if num_topk else None,
+        recv_topk_weights=torch.empty(rows, num_topk, dtype=torch.float32, device=dev) if num_topk and has_weights else None,
         recv_src_idx=src_idx,
         recv_src_rank=src_rank,
-        recv_counts=plan.recv_counts if with_src else torch.zeros_like(plan.recv_counts),
+        recv_counts=plan.recv_counts if with_src else torch.empty_like(plan.recv_counts),
+        padded=padded,
     )
 
 
@@ -202,7 +219,8 @@ def dispatch_send(
 def dispatch_recv(
     buf: SymmetricBuffer, plan: RoutingPlan, out: DispatchOutputs, num_sms: int, stream: torch.cuda.Stream
 ) -> None:
-    """Wait for every source's rows of this call and copy them into ``out`` in (source rank, token) order."""
+    """Wait for every source's rows of this call and copy them into ``out`` in (source rank, token) order, then
+    (``out.padded``) write the padding into the rows after them."""
     row_bytes = row_bytes_of(out.recv_x)
     num_scales = 0 if out.recv_scales is None else out.recv_scales.shape[1]
     num_topk = 0 if out.recv_topk_idx is None else out.recv_topk_idx.shape[1]
@@ -210,7 +228,7 @@ def dispatch_recv(
     _ext().dispatch_recv(
         buf.view("dispatch_recv"), _ptr(out.recv_x), _ptr(out.recv_scales), _ptr(out.recv_topk_idx),
         _ptr(out.recv_topk_weights), _ptr(out.recv_src_idx), _ptr(out.recv_src_rank), out.recv_counts.data_ptr(),
-        plan.num_recv_rows, row_bytes, num_scales, num_topk, buf.capacity_rows(record, "dispatch"), num_sms,
+        plan.num_recv_rows, row_bytes, num_scales, num_topk, buf.capacity_rows(record, "dispatch"), out.padded, num_sms,
         stream.cuda_stream,
     )
 

@@ -191,8 +191,9 @@ def check_weighted_combine(world: int, case: Case) -> None:
 
 
 def check_worst_case(world: int, case: Case) -> None:
-    """Worst-case receive outputs: plans with ``num_recv_rows`` = (tokens + 2) * R and padded outputs; the valid
-    rows equal the oracle, the padding keeps its values, and combine (into given outputs) is unchanged."""
+    """Worst-case receive outputs: plans with ``num_recv_rows`` = (tokens + 2) * R and padded outputs filled with
+    garbage first; the valid rows equal the oracle, the receive kernel writes the padding into the rest, and
+    combine (into given outputs) is unchanged."""
     xs, idxs, ws = _inputs(case, world)
     num_experts = case.experts_per_rank * world
     emu = _emulator(case, world, case.dtype)
@@ -200,6 +201,9 @@ def check_worst_case(world: int, case: Case) -> None:
     plans = [dataclasses.replace(p, num_recv_rows=worst) for p in emu.plan(idxs, num_experts, num_sms=2)]
     padded = [ops.allocate_dispatch_outputs(p, x, 0, i.shape[1], True, with_src=True, padded=True)
               for p, x, i in zip(plans, xs, idxs, strict=True)]
+    for out in padded:
+        for t in (out.recv_x, out.recv_topk_idx, out.recv_topk_weights, out.recv_src_idx, out.recv_src_rank):
+            t.view(torch.uint8).fill_(0xA5)
     outs = issued(emu, "worst-case dispatch", lambda: emu.dispatch(plans, xs, topk_idx=idxs, topk_weights=ws,
                                                                     num_experts=num_experts, num_sms=2, outputs=padded))
     emu.raise_if_failed("dispatch")

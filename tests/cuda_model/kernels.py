@@ -404,9 +404,10 @@ class KernelModel:
 
     def dispatch_recv(self, view: tuple, recv_x: int, recv_scales: int, recv_topk_idx: int, recv_topk_weights: int,
                       recv_src_idx: int, recv_src_rank: int, recv_counts: int, max_rows: int, row_bytes: int,
-                      num_scales: int, num_topk: int, capacity_rows: int, num_sms: int, stream: int) -> None:
+                      num_scales: int, num_topk: int, capacity_rows: int, pad_rows: bool, num_sms: int, stream: int) -> None:
         call_binding(self.real.dispatch_recv, view, recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx,
-                     recv_src_rank, recv_counts, max_rows, row_bytes, num_scales, num_topk, capacity_rows, num_sms, stream)
+                     recv_src_rank, recv_counts, max_rows, row_bytes, num_scales, num_topk, capacity_rows, pad_rows,
+                     num_sms, stream)
         self.on_launch("dispatch_recv", stream)
         v = self._view(view, "dispatch_recv")
         if not self._wait_all_ranks(v, self.slot["dispatch_flag"], v.epoch, self.phase["dispatch_arrive"]):
@@ -447,6 +448,16 @@ class KernelModel:
                 raw(recv_src_idx + i * 4, 1, torch.int32)[0] = raw(src + rec.src_idx, 1, torch.int32)[0]
             if recv_src_rank:
                 raw(recv_src_rank + i * 4, 1, torch.int32)[0] = s
+        pad = max_rows - start[v.num_ranks] if pad_rows else 0  # write_padding_row, rows [total, max_rows)
+        if pad > 0:
+            first = start[v.num_ranks]
+            assert recv_x % 16 == 0 and row_bytes % 16 == 0, "misaligned 16-byte vector store of a padding row"
+            raw(recv_x + first * row_bytes, pad * row_bytes, torch.uint8).zero_()
+            for addr, width, dtype, value in ((recv_scales, num_scales, torch.float32, 0), (recv_topk_idx, num_topk, torch.int64, -1),
+                                              (recv_topk_weights, num_topk, torch.float32, 0), (recv_src_idx, 1, torch.int32, -1),
+                                              (recv_src_rank, 1, torch.int32, -1)):
+                if addr and width:
+                    raw(addr + first * width * dtype.itemsize, pad * width, dtype).fill_(value)
         if self._last_block_to_finish(v, "dispatch_recv"):
             for s in range(v.num_ranks):
                 v.header(s)[self.slot["dispatch_free"] + v.rank] = v.epoch  # st_release_sys
@@ -685,6 +696,22 @@ class KernelModel:
 
     # -- csrc/kernels/copy.cu ----------------------------------------------------------------------------
 
+    def routing_plan(self, is_token_in_rank: int, num_tokens: int, num_ranks: int, send_pos: int, send_token_idx: int,
+                     num_sent: int, recv_counts: int, num_sms: int, stream: int) -> None:
+        """launch_routing_plan: positions by a scan down each rank's column, the sent tokens rank-major."""
+        call_binding(self.real.routing_plan, is_token_in_rank, num_tokens, num_ranks, send_pos, send_token_idx, num_sent,
+                     recv_counts, num_sms, stream)
+        self.on_launch("routing_plan", stream)
+        raw(recv_counts, num_ranks, torch.int32).zero_()
+        in_rank = raw(is_token_in_rank, num_tokens * num_ranks, torch.bool).view(num_tokens, num_ranks)
+        positions = torch.cumsum(in_rank, dim=0, dtype=torch.int32) - 1
+        raw(send_pos, num_tokens * num_ranks, torch.int32).view(num_tokens, num_ranks)[:] = torch.where(in_rank, positions, -1)
+        if num_sent:
+            listed = raw(send_token_idx, num_sent, torch.int64)
+            tokens = in_rank.t().nonzero()[:num_sent, 1]
+            listed.fill_(-1)
+            listed[: tokens.numel()] = tokens
+
     def sm_copy(self, dst: int, src: int, nbytes: int, num_sms: int, stream: int) -> None:
         """launch_sm_copy: the copy-bandwidth baseline of the CUDA bench (16-byte vectors, tail bytewise)."""
         call_binding(self.real.sm_copy, dst, src, nbytes, num_sms, stream)
@@ -718,7 +745,7 @@ class KernelModel:
 
 # The kernel launchers, then the memory functions, of moe_comm._C that the model replaces.
 LAUNCHERS = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv", "expert_major", "low_latency_combine_send",
-             "low_latency_combine_recv", "per_token_cast_fp8", "get_dispatch_layout", "sm_copy")
+             "low_latency_combine_recv", "per_token_cast_fp8", "get_dispatch_layout", "routing_plan", "sm_copy")
 MODELLED = (*LAUNCHERS, "device_alloc_zeroed", "device_free", "ipc_get_handle", "ipc_open_handle", "ipc_close_handle")
 
 
