@@ -69,7 +69,9 @@ def test_kernel_launchers_check_arguments_before_launching():
     with pytest.raises(RuntimeError, match="num_scales"):
         ext.dispatch_send(view, 16, 0, 0, 0, 1, 1, 1, 4, 64, 2, 0, 1, 10, 2, 1, 0)
     with pytest.raises(RuntimeError, match="num_ranks"):
-        ext.dispatch_recv((1, 0, 9, 1 << 20, 1 << 20, 1000, 1), 1, 0, 0, 0, 1, 1, 1, 4, 64, 0, 0, 10, False, 1, 0)
+        ext.dispatch_recv((1, 0, 9, 1 << 20, 1 << 20, 1000, 1), 1, 0, 0, 0, 1, 1, 1, 0, 0, 4, 64, 0, 0, 10, False, 1, 0)
+    with pytest.raises(RuntimeError, match="num_local_experts"):
+        ext.dispatch_recv(view, 16, 0, 0, 0, 1, 1, 1, 16, 0, 4, 64, 0, 0, 10, False, 1, 0)
     with pytest.raises(RuntimeError, match="capacity_rows"):
         ext.combine_send(view, 1, 0, 1, 64, 0, 1 << 20, 1, 0)
     with pytest.raises(RuntimeError, match="hidden"):
@@ -107,15 +109,18 @@ def test_bad_argument_is_named_runtime_error():
         ext.get_dispatch_layout(0, 4, 2, 8, 2, 1, 1, 1, 4, 0)
     with pytest.raises(RuntimeError, match="dst"):
         ext.sm_copy(0, 16, 16, 1, 0)
-    # routing_plan(is_token_in_rank, T, R, send_pos, send_token_idx, num_sent, recv_counts, num_sms, stream)
+    # routing_plan(is_token_in_rank, T, R, send_pos, send_token_idx, num_sent, recv_counts, expert_counts, E_local,
+    #              num_sms, stream)
     with pytest.raises(RuntimeError, match="send_pos"):
-        ext.routing_plan(16, 4, 2, 0, 16, 8, 16, 1, 0)
+        ext.routing_plan(16, 4, 2, 0, 16, 8, 16, 0, 0, 1, 0)
     with pytest.raises(RuntimeError, match="send_token_idx"):
-        ext.routing_plan(16, 4, 2, 16, 0, 8, 16, 1, 0)
+        ext.routing_plan(16, 4, 2, 16, 0, 8, 16, 0, 0, 1, 0)
+    with pytest.raises(RuntimeError, match="expert_counts"):
+        ext.routing_plan(16, 4, 2, 16, 16, 8, 16, 0, 4, 1, 0)
     with pytest.raises(RuntimeError, match="num_ranks"):
-        ext.routing_plan(16, 4, 33, 16, 16, 8, 16, 1, 0)
+        ext.routing_plan(16, 4, 33, 16, 16, 8, 16, 0, 0, 1, 0)
     with pytest.raises(RuntimeError, match="num_sms"):
-        ext.routing_plan(16, 4, 2, 16, 16, 8, 16, 0, 0)
+        ext.routing_plan(16, 4, 2, 16, 16, 8, 16, 0, 0, 0, 0)
 
 
 def test_registry_reports_cuda_unusable_with_reason():

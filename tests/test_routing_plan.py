@@ -46,9 +46,11 @@ def _run(routing_plan: Callable[..., None], in_rank: torch.Tensor, num_sent: int
     send_pos = torch.full((tokens, ranks), 12345, dtype=torch.int32)
     listed = torch.full((num_sent,), 12345, dtype=torch.int64)
     recv_counts = torch.full((ranks,), 7, dtype=torch.int32)
+    expert_counts = torch.full((37,), 7, dtype=torch.int32)
     ptr = lambda t: t.data_ptr() if t.numel() else 0  # noqa: E731
-    routing_plan(ptr(in_rank), tokens, ranks, ptr(send_pos), ptr(listed), num_sent, recv_counts.data_ptr(), num_sms, 0)
-    return send_pos, listed, recv_counts
+    routing_plan(ptr(in_rank), tokens, ranks, ptr(send_pos), ptr(listed), num_sent, recv_counts.data_ptr(),
+                 expert_counts.data_ptr(), expert_counts.numel(), num_sms, 0)
+    return send_pos, listed, torch.cat([recv_counts, expert_counts])
 
 
 def _launchers() -> list[tuple[str, Callable[..., None]]]:
@@ -78,7 +80,7 @@ def test_routing_plan_matches_its_definition(order: str, tokens: int, ranks: int
                     what = f"{name} T={tokens} R={ranks} num_sms={num_sms} num_sent={num_sent}"
                     assert torch.equal(send_pos, want_pos), f"{what}: send_pos"
                     assert torch.equal(listed, want_listed), f"{what}: send_token_idx"
-                    assert not bool(recv_counts.any()), f"{what}: recv_counts not zeroed"
+                    assert not bool(recv_counts.any()), f"{what}: the receive's counts not zeroed"
     finally:
         if simt_built():
             simt_module().simt_configure(ORDERS["forward"], 0)

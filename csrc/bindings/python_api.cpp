@@ -176,7 +176,8 @@ PYBIND11_MODULE(MOE_COMM_MODULE, m) {
   m.def(
       "dispatch_recv",
       [](py::tuple view, uint64_t recv_x, uint64_t recv_scales, uint64_t recv_topk_idx, uint64_t recv_topk_weights,
-         uint64_t recv_src_idx, uint64_t recv_src_rank, uint64_t recv_counts, int max_rows, int row_bytes,
+         uint64_t recv_src_idx, uint64_t recv_src_rank, uint64_t recv_counts, uint64_t recv_expert_counts,
+         int num_local_experts, int max_rows, int row_bytes,
          int num_scales, int num_topk, int capacity_rows, bool pad_rows, int num_sms, uint64_t stream) {
         DispatchRecvArgs a{peer_view(view),
                            as_ptr<void>(recv_x, "recv_x", true),
@@ -186,12 +187,14 @@ PYBIND11_MODULE(MOE_COMM_MODULE, m) {
                            as_ptr<int>(recv_src_idx, "recv_src_idx", true),
                            as_ptr<int>(recv_src_rank, "recv_src_rank", true),
                            as_ptr<int>(recv_counts, "recv_counts"),
+                           as_ptr<int>(recv_expert_counts, "recv_expert_counts", true),
+                           num_local_experts,
                            max_rows, row_bytes, num_scales, num_topk, capacity_rows, pad_rows ? 1 : 0};
         launch_dispatch_recv(a, num_sms, as_stream(stream));
       },
       py::arg("view"), py::arg("recv_x"), py::arg("recv_scales"), py::arg("recv_topk_idx"),
       py::arg("recv_topk_weights"), py::arg("recv_src_idx"), py::arg("recv_src_rank"), py::arg("recv_counts"),
-      py::arg("max_rows"), py::arg("row_bytes"), py::arg("num_scales"), py::arg("num_topk"),
+      py::arg("recv_expert_counts"), py::arg("num_local_experts"), py::arg("max_rows"), py::arg("row_bytes"), py::arg("num_scales"), py::arg("num_topk"),
       py::arg("capacity_rows"), py::arg("pad_rows"), py::arg("num_sms"), py::arg("stream"));
   m.def(
       "combine_send",
@@ -306,14 +309,18 @@ PYBIND11_MODULE(MOE_COMM_MODULE, m) {
   m.def(
       "routing_plan",
       [](uint64_t is_token_in_rank, int num_tokens, int num_ranks, uint64_t send_pos, uint64_t send_token_idx,
-         int num_sent, uint64_t recv_counts, int num_sms, uint64_t stream) {
+         int num_sent, uint64_t recv_counts, uint64_t expert_counts, int num_local_experts, int num_sms,
+         uint64_t stream) {
         launch_routing_plan(as_ptr<const bool>(is_token_in_rank, "is_token_in_rank", num_tokens == 0), num_tokens,
                             num_ranks, as_ptr<int>(send_pos, "send_pos", num_tokens == 0),
                             as_ptr<int64_t>(send_token_idx, "send_token_idx", num_sent == 0), num_sent,
-                            as_ptr<int>(recv_counts, "recv_counts"), num_sms, as_stream(stream));
+                            as_ptr<int>(recv_counts, "recv_counts"),
+                            as_ptr<int>(expert_counts, "expert_counts", num_local_experts == 0), num_local_experts,
+                            num_sms, as_stream(stream));
       },
       py::arg("is_token_in_rank"), py::arg("num_tokens"), py::arg("num_ranks"), py::arg("send_pos"),
-      py::arg("send_token_idx"), py::arg("num_sent"), py::arg("recv_counts"), py::arg("num_sms"), py::arg("stream"));
+      py::arg("send_token_idx"), py::arg("num_sent"), py::arg("recv_counts"), py::arg("expert_counts"),
+      py::arg("num_local_experts"), py::arg("num_sms"), py::arg("stream"));
   m.def(
       "sm_copy",
       [](uint64_t dst, uint64_t src, size_t bytes, int num_sms, uint64_t stream) {

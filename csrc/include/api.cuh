@@ -13,10 +13,11 @@ void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num
 
 // A rank's routing plan from is_token_in_rank [T, R] bool: send_pos [T, R] int32 (token t's position among
 // the tokens for rank r, -1 where t does not go to r), send_token_idx [num_sent] int64 (null when num_sent is 0:
-// the tokens rank-major then in token order, -1 after them) and recv_counts [R] int32 zeroed. Grid bounded by
-// num_sms (and R).
+// the tokens rank-major then in token order, -1 after them), and recv_counts [R] and expert_counts
+// [num_local_experts] (null when 0) int32 zeroed for the receive to fill. Grid bounded by num_sms (and R).
 void launch_routing_plan(const bool* is_token_in_rank, int num_tokens, int num_ranks, int* send_pos,
-                         int64_t* send_token_idx, int num_sent, int* recv_counts, int num_sms, cudaStream_t stream);
+                         int64_t* send_token_idx, int num_sent, int* recv_counts, int* expert_counts,
+                         int num_local_experts, int num_sms, cudaStream_t stream);
 
 // Plain device copy restricted to num_sms blocks (bench baseline).
 void launch_sm_copy(void* dst, const void* src, size_t bytes, int num_sms, cudaStream_t stream);

@@ -54,6 +54,8 @@ struct DispatchRecvArgs {
   int* recv_src_idx;           // [max_rows] or null (cached dispatch)
   int* recv_src_rank;          // [max_rows] or null
   int* recv_counts;            // [R] out: rows received from each source
+  int* recv_expert_counts;     // [E_local] or null: += rows received for each local expert (zeroed beforehand)
+  int num_local_experts;       // E_local (entries of recv_expert_counts)
   int max_rows;                // rows the outputs hold
   int row_bytes;
   int num_scales;

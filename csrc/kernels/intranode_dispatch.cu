@@ -185,8 +185,9 @@ __global__ void __launch_bounds__(kIntranodeThreads) dispatch_recv_kernel(Dispat
         for (int k = lane; k < a.num_scales; k += 32) a.recv_scales[size_t(i) * a.num_scales + k] = sc[k];
       }
       if (lane < a.num_topk) {
-        if (a.recv_topk_idx != nullptr)
-          a.recv_topk_idx[size_t(i) * a.num_topk + lane] = reinterpret_cast<const int*>(src + rec.topk_idx)[lane];
+        const int id = reinterpret_cast<const int*>(src + rec.topk_idx)[lane];
+        if (a.recv_topk_idx != nullptr) a.recv_topk_idx[size_t(i) * a.num_topk + lane] = id;
+        if (a.recv_expert_counts != nullptr && id >= 0 && id < a.num_local_experts) atomicAdd(a.recv_expert_counts + id, 1);
         if (a.recv_topk_weights != nullptr)
           a.recv_topk_weights[size_t(i) * a.num_topk + lane] =
               reinterpret_cast<const float*>(src + rec.topk_weights)[lane];
@@ -233,6 +234,8 @@ void launch_dispatch_recv(const DispatchRecvArgs& a, int num_sms, cudaStream_t s
   MC_CHECK(a.row_bytes > 0 && a.row_bytes % 16 == 0, "row_bytes must be a positive multiple of 16");
   MC_CHECK(a.num_topk >= 0 && a.num_topk <= kMaxTopk, "num_topk must be in [0, 32]");
   MC_CHECK(a.recv_counts != nullptr, "recv_counts: null pointer");
+  MC_CHECK(a.recv_expert_counts == nullptr || a.num_local_experts > 0,
+           "num_local_experts must be > 0 with recv_expert_counts");
   MC_CHECK(a.max_rows == 0 || a.recv_x != nullptr, "recv_x: null pointer");
   MC_CHECK(reinterpret_cast<uintptr_t>(a.recv_x) % 16 == 0, "recv_x must be 16-byte aligned");
   MC_CHECK(size_t(a.capacity_rows) * token_record_bytes(a.row_bytes, a.num_scales, a.num_topk) <=

@@ -62,13 +62,17 @@ __device__ __forceinline__ int block_sum(int value, int* scratch) {
 // A rank's routing plan, one block per destination rank r (grid-stride over ranks): send_pos[t, r] is the
 // position of token t among the tokens for r (-1 where t does not go to r), by a block-wide scan down the
 // column in chunks of blockDim tokens; send_token_idx (null to skip) lists the tokens rank-major, then in
-// token order, in its first num_sent entries, -1 after the last listed token; recv_counts [R] is zeroed.
+// token order, in its first num_sent entries, -1 after the last listed token; recv_counts [R] and expert_counts
+// [num_local_experts] (the receive's counts) are zeroed.
 __global__ void routing_plan_kernel(const bool* __restrict__ in_rank, int num_tokens, int num_ranks, int* send_pos,
-                                    int64_t* send_token_idx, int num_sent, int* recv_counts) {
+                                    int64_t* send_token_idx, int num_sent, int* recv_counts, int* expert_counts,
+                                    int num_local_experts) {
   __shared__ int s_warp[kThreads / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (blockIdx.x == 0)
+  if (blockIdx.x == 0) {
     for (int i = threadIdx.x; i < num_ranks; i += blockDim.x) recv_counts[i] = 0;
+    for (int i = threadIdx.x; i < num_local_experts; i += blockDim.x) expert_counts[i] = 0;
+  }
   for (int r = blockIdx.x; r < num_ranks; r += gridDim.x) {
     // Where r's tokens start in send_token_idx: after the tokens of every rank before it.
     int before = 0;
@@ -104,7 +108,8 @@ __global__ void routing_plan_kernel(const bool* __restrict__ in_rank, int num_to
 }  // namespace
 
 void launch_routing_plan(const bool* is_token_in_rank, int num_tokens, int num_ranks, int* send_pos,
-                         int64_t* send_token_idx, int num_sent, int* recv_counts, int num_sms, cudaStream_t stream) {
+                         int64_t* send_token_idx, int num_sent, int* recv_counts, int* expert_counts,
+                         int num_local_experts, int num_sms, cudaStream_t stream) {
   MC_CHECK(num_ranks >= 1 && num_ranks <= 32, "num_ranks must be in [1, 32]");
   MC_CHECK(num_tokens >= 0 && num_sent >= 0, "num_tokens and num_sent must be >= 0");
   MC_CHECK(num_sms >= 1, "num_sms must be >= 1");
@@ -112,8 +117,10 @@ void launch_routing_plan(const bool* is_token_in_rank, int num_tokens, int num_r
            "is_token_in_rank/send_pos: null pointer");
   MC_CHECK(num_sent == 0 || send_token_idx != nullptr, "send_token_idx: null pointer with num_sent > 0");
   MC_CHECK(recv_counts != nullptr, "recv_counts: null pointer");
+  MC_CHECK(num_local_experts >= 0 && (num_local_experts == 0 || expert_counts != nullptr),
+           "expert_counts: null pointer with num_local_experts > 0");
   launch_kernel(routing_plan_kernel, std::min(num_sms, num_ranks), kThreads, 0, stream, is_token_in_rank, num_tokens,
-                num_ranks, send_pos, send_token_idx, num_sent, recv_counts);
+                num_ranks, send_pos, send_token_idx, num_sent, recv_counts, expert_counts, num_local_experts);
 }
 
 void launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_experts,

@@ -232,7 +232,8 @@ class CudaBackend(CommBackend):
                 max_rows, num_recv = int(matrix.max()), sum(recv_counts)
             num_sent = num_tokens * world if worst else sum(send_counts)
             plan = ops.make_plan(request.is_token_in_rank.to(self._device), request.num_tokens_per_rank.to(self._device),
-                                 max_rows, num_recv, request.num_sms, stream, num_sent=num_sent)
+                                 max_rows, num_recv, request.num_sms, stream, num_sent=num_sent,
+                                 num_local_experts=request.num_experts // world if count_on_arrival else 0)
         else:
             plan = cached.backend_state
             worst = cached.num_worst_tokens
@@ -282,9 +283,8 @@ class CudaBackend(CommBackend):
             if count_on_arrival:
                 comm.synchronize()
                 mem.raise_if_failed("dispatch")
-                assert out.recv_topk_idx is not None
-                ids = out.recv_topk_idx
-                counts = torch.bincount(ids[ids >= 0], minlength=request.num_experts // world)
+                assert out.recv_expert_counts is not None  # counted by the receive kernel
+                counts = out.recv_expert_counts.to("cpu", torch.int64)
                 expert_counts.extend(pad_to_alignment(counts, request.expert_alignment).tolist())
             else:
                 mem.raise_if_failed("dispatch")

@@ -90,6 +90,8 @@ class RoutingPlan:
         num_recv_rows: N, rows of the receive outputs (``num_worst_tokens`` in worst-case mode).
         send_token_idx: ``[S]`` int64, the tokens sent, destination-major then token order, -1 after them
             (the handle's ``send_token_idx``), or None where the call did not ask for it.
+        recv_expert_counts: ``[E_local]`` int32 on the device, rows received for each local expert by the
+            dispatch that made the plan (filled by its receive), or None where that call did not count.
     """
 
     is_token_in_rank: torch.Tensor
@@ -99,6 +101,7 @@ class RoutingPlan:
     max_rows: int
     num_recv_rows: int
     send_token_idx: torch.Tensor | None = None
+    recv_expert_counts: torch.Tensor | None = None
 
 
 def make_plan(
@@ -109,18 +112,20 @@ def make_plan(
     num_sms: int,
     stream: torch.cuda.Stream,
     num_sent: int | None = None,
+    num_local_experts: int = 0,
 ) -> RoutingPlan:
     """The plan of ``is_token_in_rank [T, R]`` by the routing-plan kernel (``num_sms`` blocks at most, no host
     synchronisation): positions by a scan down the token axis and, with ``num_sent``, the ``[num_sent]`` list
-    of sent tokens."""
+    of sent tokens; with ``num_local_experts``, zeroed per-expert counts for the receive to fill."""
     in_rank = is_token_in_rank.contiguous()
     num_tokens, num_ranks = in_rank.shape
     dev = in_rank.device
     send_pos = torch.empty(num_tokens, num_ranks, dtype=torch.int32, device=dev)
     recv_counts = torch.empty(num_ranks, dtype=torch.int32, device=dev)
     send_token_idx = None if num_sent is None else torch.empty(num_sent, dtype=torch.int64, device=dev)
+    expert_counts = torch.empty(num_local_experts, dtype=torch.int32, device=dev) if num_local_experts else None
     _ext().routing_plan(_ptr(in_rank), num_tokens, num_ranks, _ptr(send_pos), _ptr(send_token_idx), num_sent or 0,
-                        recv_counts.data_ptr(), num_sms, stream.cuda_stream)
+                        recv_counts.data_ptr(), _ptr(expert_counts), num_local_experts, num_sms, stream.cuda_stream)
     return RoutingPlan(
         is_token_in_rank=in_rank,
         send_pos=send_pos,
@@ -129,6 +134,7 @@ def make_plan(
         max_rows=int(max_rows),
         num_recv_rows=int(num_recv_rows),
         send_token_idx=send_token_idx,
+        recv_expert_counts=expert_counts,
     )
 
 
@@ -143,6 +149,7 @@ class DispatchOutputs:
     recv_src_idx: torch.Tensor | None
     recv_src_rank: torch.Tensor | None
     recv_counts: torch.Tensor
+    recv_expert_counts: torch.Tensor | None = None
     padded: bool = False
 
 
@@ -172,6 +179,7 @@ def allocate_dispatch_outputs(
         recv_src_idx=src_idx,
         recv_src_rank=src_rank,
         recv_counts=plan.recv_counts if with_src else torch.empty_like(plan.recv_counts),
+        recv_expert_counts=plan.recv_expert_counts if with_src else None,
         padded=padded,
     )
 
@@ -228,6 +236,7 @@ def dispatch_recv(
     _ext().dispatch_recv(
         buf.view("dispatch_recv"), _ptr(out.recv_x), _ptr(out.recv_scales), _ptr(out.recv_topk_idx),
         _ptr(out.recv_topk_weights), _ptr(out.recv_src_idx), _ptr(out.recv_src_rank), out.recv_counts.data_ptr(),
+        _ptr(out.recv_expert_counts), 0 if out.recv_expert_counts is None else out.recv_expert_counts.numel(),
         plan.num_recv_rows, row_bytes, num_scales, num_topk, buf.capacity_rows(record, "dispatch"), out.padded, num_sms,
         stream.cuda_stream,
     )

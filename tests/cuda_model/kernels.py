@@ -403,11 +403,12 @@ class KernelModel:
             self._complete_epoch(v, "dispatch_send")
 
     def dispatch_recv(self, view: tuple, recv_x: int, recv_scales: int, recv_topk_idx: int, recv_topk_weights: int,
-                      recv_src_idx: int, recv_src_rank: int, recv_counts: int, max_rows: int, row_bytes: int,
-                      num_scales: int, num_topk: int, capacity_rows: int, pad_rows: bool, num_sms: int, stream: int) -> None:
+                      recv_src_idx: int, recv_src_rank: int, recv_counts: int, recv_expert_counts: int,
+                      num_local_experts: int, max_rows: int, row_bytes: int, num_scales: int, num_topk: int,
+                      capacity_rows: int, pad_rows: bool, num_sms: int, stream: int) -> None:
         call_binding(self.real.dispatch_recv, view, recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx,
-                     recv_src_rank, recv_counts, max_rows, row_bytes, num_scales, num_topk, capacity_rows, pad_rows,
-                     num_sms, stream)
+                     recv_src_rank, recv_counts, recv_expert_counts, num_local_experts, max_rows, row_bytes, num_scales,
+                     num_topk, capacity_rows, pad_rows, num_sms, stream)
         self.on_launch("dispatch_recv", stream)
         v = self._view(view, "dispatch_recv")
         if not self._wait_all_ranks(v, self.slot["dispatch_flag"], v.epoch, self.phase["dispatch_arrive"]):
@@ -440,8 +441,12 @@ class KernelModel:
             if recv_scales:
                 raw(recv_scales + i * num_scales * 4, num_scales, torch.float32)[:] = raw(src + rec.scales, num_scales, torch.float32)
             if num_topk:
+                ids = raw(src + rec.topk_idx, num_topk, torch.int32)
                 if recv_topk_idx:
-                    raw(recv_topk_idx + i * num_topk * 8, num_topk, torch.int64)[:] = raw(src + rec.topk_idx, num_topk, torch.int32)
+                    raw(recv_topk_idx + i * num_topk * 8, num_topk, torch.int64)[:] = ids
+                if recv_expert_counts:  # an atomicAdd per local id
+                    local = ids[(ids >= 0) & (ids < num_local_experts)].long()
+                    raw(recv_expert_counts, num_local_experts, torch.int32).index_add_(0, local, torch.ones_like(local, dtype=torch.int32))
                 if recv_topk_weights:
                     raw(recv_topk_weights + i * num_topk * 4, num_topk, torch.float32)[:] = raw(src + rec.topk_weights, num_topk, torch.float32)
             if recv_src_idx:
@@ -697,12 +702,14 @@ class KernelModel:
     # -- csrc/kernels/copy.cu ----------------------------------------------------------------------------
 
     def routing_plan(self, is_token_in_rank: int, num_tokens: int, num_ranks: int, send_pos: int, send_token_idx: int,
-                     num_sent: int, recv_counts: int, num_sms: int, stream: int) -> None:
+                     num_sent: int, recv_counts: int, expert_counts: int, num_local_experts: int, num_sms: int,
+                     stream: int) -> None:
         """launch_routing_plan: positions by a scan down each rank's column, the sent tokens rank-major."""
         call_binding(self.real.routing_plan, is_token_in_rank, num_tokens, num_ranks, send_pos, send_token_idx, num_sent,
-                     recv_counts, num_sms, stream)
+                     recv_counts, expert_counts, num_local_experts, num_sms, stream)
         self.on_launch("routing_plan", stream)
         raw(recv_counts, num_ranks, torch.int32).zero_()
+        raw(expert_counts, num_local_experts, torch.int32).zero_()
         in_rank = raw(is_token_in_rank, num_tokens * num_ranks, torch.bool).view(num_tokens, num_ranks)
         positions = torch.cumsum(in_rank, dim=0, dtype=torch.int32) - 1
         raw(send_pos, num_tokens * num_ranks, torch.int32).view(num_tokens, num_ranks)[:] = torch.where(in_rank, positions, -1)
