@@ -17,4 +17,4 @@ module=$(ls "$OUT"/lib/moe_comm/_C_simt*.so)
 # libstdc++ after libasan: ASan's __cxa_throw interceptor needs the real one loaded (pybind11 errors are C++ throws).
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0} MOE_COMM_SIMT_MODULE="$module"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_model.py tests/test_cuda_model_emulator.py -k simt "$@"
+"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_model.py tests/test_cuda_model_emulator.py tests/test_routing_plan.py -k simt "$@"

@@ -177,8 +177,8 @@ PYBIND11_MODULE(MOE_COMM_MODULE, m) {
       "dispatch_recv",
       [](py::tuple view, uint64_t recv_x, uint64_t recv_scales, uint64_t recv_topk_idx, uint64_t recv_topk_weights,
          uint64_t recv_src_idx, uint64_t recv_src_rank, uint64_t recv_counts, uint64_t recv_expert_counts,
-         int num_local_experts, int max_rows, int row_bytes,
-         int num_scales, int num_topk, int capacity_rows, bool pad_rows, int num_sms, uint64_t stream) {
+         int num_local_experts, int max_rows, int row_bytes, int num_scales, int num_topk, int capacity_rows,
+         bool pad_rows, int num_sms, uint64_t stream) {
         DispatchRecvArgs a{peer_view(view),
                            as_ptr<void>(recv_x, "recv_x", true),
                            as_ptr<float>(recv_scales, "recv_scales", true),
@@ -194,8 +194,9 @@ PYBIND11_MODULE(MOE_COMM_MODULE, m) {
       },
       py::arg("view"), py::arg("recv_x"), py::arg("recv_scales"), py::arg("recv_topk_idx"),
       py::arg("recv_topk_weights"), py::arg("recv_src_idx"), py::arg("recv_src_rank"), py::arg("recv_counts"),
-      py::arg("recv_expert_counts"), py::arg("num_local_experts"), py::arg("max_rows"), py::arg("row_bytes"), py::arg("num_scales"), py::arg("num_topk"),
-      py::arg("capacity_rows"), py::arg("pad_rows"), py::arg("num_sms"), py::arg("stream"));
+      py::arg("recv_expert_counts"), py::arg("num_local_experts"), py::arg("max_rows"), py::arg("row_bytes"),
+      py::arg("num_scales"), py::arg("num_topk"), py::arg("capacity_rows"), py::arg("pad_rows"), py::arg("num_sms"),
+      py::arg("stream"));
   m.def(
       "combine_send",
       [](py::tuple view, uint64_t x, uint64_t topk_weights, uint64_t recv_counts, int row_bytes, int num_topk,

@@ -187,7 +187,8 @@ __global__ void __launch_bounds__(kIntranodeThreads) dispatch_recv_kernel(Dispat
       if (lane < a.num_topk) {
         const int id = reinterpret_cast<const int*>(src + rec.topk_idx)[lane];
         if (a.recv_topk_idx != nullptr) a.recv_topk_idx[size_t(i) * a.num_topk + lane] = id;
-        if (a.recv_expert_counts != nullptr && id >= 0 && id < a.num_local_experts) atomicAdd(a.recv_expert_counts + id, 1);
+        if (a.recv_expert_counts != nullptr && id >= 0 && id < a.num_local_experts)
+          atomicAdd(a.recv_expert_counts + id, 1);
         if (a.recv_topk_weights != nullptr)
           a.recv_topk_weights[size_t(i) * a.num_topk + lane] =
               reinterpret_cast<const float*>(src + rec.topk_weights)[lane];
