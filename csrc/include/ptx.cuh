@@ -157,6 +157,24 @@ __device__ __forceinline__ void warp_copy16(void* dst, const void* src, size_t b
   for (; i < n; i += 32) d[i] = s[i];
 }
 
+// One chunk of a block-wide scan of `hit` (warp ballots), reached by every thread of the block: returns the hits
+// of the threads below this one and sets `in_block` to the block's hits. `scratch` holds an int per warp; the call
+// ends with a barrier, so the next call may reuse it.
+__device__ __forceinline__ int block_count_below(bool hit, int* scratch, int& in_block) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned ballot = __ballot_sync(0xffffffffu, hit);
+  if (lane == 0) scratch[warp] = __popc(ballot);
+  __syncthreads();
+  int below = __popc(ballot & ((1u << lane) - 1u));
+  in_block = 0;
+  for (int w = 0; w < int(blockDim.x / 32); ++w) {
+    if (w < warp) below += scratch[w];
+    in_block += scratch[w];
+  }
+  __syncthreads();
+  return below;
+}
+
 // A warp zeroes `bytes` (a multiple of 16, 16-byte aligned) at dst.
 __device__ __forceinline__ void warp_zero16(void* dst, size_t bytes, int lane) {
   int4* d = static_cast<int4*>(dst);

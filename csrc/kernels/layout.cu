@@ -68,7 +68,6 @@ __global__ void routing_plan_kernel(const bool* __restrict__ in_rank, int num_to
                                     int64_t* send_token_idx, int num_sent, int* recv_counts, int* expert_counts,
                                     int num_local_experts) {
   __shared__ int s_warp[kThreads / 32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (blockIdx.x == 0) {
     for (int i = threadIdx.x; i < num_ranks; i += blockDim.x) recv_counts[i] = 0;
     for (int i = threadIdx.x; i < num_local_experts; i += blockDim.x) expert_counts[i] = 0;
@@ -84,21 +83,14 @@ __global__ void routing_plan_kernel(const bool* __restrict__ in_rank, int num_to
     for (int chunk = 0; chunk < num_tokens; chunk += blockDim.x) {
       const int t = chunk + threadIdx.x;
       const bool hit = t < num_tokens && in_rank[size_t(t) * num_ranks + r];
-      const unsigned ballot = __ballot_sync(0xffffffffu, hit);
-      if (lane == 0) s_warp[warp] = __popc(ballot);
-      __syncthreads();
-      int below = __popc(ballot & ((1u << lane) - 1u)), in_chunk = 0;
-      for (int w = 0; w < int(blockDim.x / 32); ++w) {
-        if (w < warp) below += s_warp[w];
-        in_chunk += s_warp[w];
-      }
+      int in_chunk;
+      const int below = block_count_below(hit, s_warp, in_chunk);
       if (t < num_tokens) {
         const int pos = count + below;
         send_pos[size_t(t) * num_ranks + r] = hit ? pos : -1;
         if (hit && send_token_idx != nullptr && start + pos < num_sent) send_token_idx[start + pos] = t;
       }
       count += in_chunk;
-      __syncthreads();  // s_warp is rewritten by the next chunk
     }
     if (r == num_ranks - 1 && send_token_idx != nullptr)
       for (int i = start + count + threadIdx.x; i < num_sent; i += blockDim.x) send_token_idx[i] = -1;

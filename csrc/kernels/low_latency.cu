@@ -22,13 +22,12 @@ constexpr int kWarps = kThreads / 32;
 __global__ void __launch_bounds__(kThreads, 1) expert_major_kernel(ExpertMajorArgs a) {
   __shared__ int s_warp_hits[kWarps];
   __shared__ int s_per_source[kMaxRanks];
-  __shared__ int s_filled;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const size_t n = size_t(a.num_rows);
   for (int e = blockIdx.x; e < a.num_experts; e += gridDim.x) {
     if (threadIdx.x < kMaxRanks) s_per_source[threadIdx.x] = 0;
-    if (threadIdx.x == 0) s_filled = 0;
     __syncthreads();
+    int filled = 0;  // slots given out so far (the same in every thread)
     // Slots: rows in order, one chunk of kThreads rows at a time (uniform trip count for the ballots).
     for (int start = 0; start < a.num_rows; start += kThreads) {
       const int i = start + threadIdx.x;
@@ -40,11 +39,9 @@ __global__ void __launch_bounds__(kThreads, 1) expert_major_kernel(ExpertMajorAr
           if (e == 0 && id < 0) a.slot_of[size_t(i) * a.num_topk + k] = -1;  // expert 0's block marks those once
         }
       }
-      const unsigned hits = __ballot_sync(0xffffffffu, hit);
-      if (lane == 0) s_warp_hits[warp] = __popc(hits);
-      __syncthreads();
-      int slot = s_filled + __popc(hits & ((1u << lane) - 1u));
-      for (int w = 0; w < warp; ++w) slot += s_warp_hits[w];
+      int in_chunk;
+      const int slot = filled + block_count_below(hit, s_warp_hits, in_chunk);
+      filled += in_chunk;
       if (hit) {
         const int s = a.src_rank[i];
         a.row_of[e * n + slot] = i;
@@ -54,15 +51,9 @@ __global__ void __launch_bounds__(kThreads, 1) expert_major_kernel(ExpertMajorAr
         for (int k = 0; k < a.num_topk; ++k)
           if (a.local_ids[size_t(i) * a.num_topk + k] == e) a.slot_of[size_t(i) * a.num_topk + k] = int64_t(e) * n + slot;
       }
-      __syncthreads();  // everyone has read s_filled and s_warp_hits
-      if (threadIdx.x == 0) {
-        int chunk = 0;
-        for (int w = 0; w < kWarps; ++w) chunk += s_warp_hits[w];
-        s_filled += chunk;
-      }
-      __syncthreads();
     }
-    const int count = s_filled;
+    __syncthreads();  // s_per_source and row_of are complete
+    const int count = filled;
     if (threadIdx.x == 0) {
       a.recv_count[e] = count;
       int first = 0;
@@ -76,7 +67,7 @@ __global__ void __launch_bounds__(kThreads, 1) expert_major_kernel(ExpertMajorAr
       a.out_src_idx[e * n + slot] = -1;
       a.out_src_rank[e * n + slot] = -1;
     }
-    // row_of was written by this block's threads: visible to all of them after the barrier above.
+    // row_of was written by this block's threads: visible to all of them after the barrier after the scan.
     const uint8_t* x = static_cast<const uint8_t*>(a.x);
     uint8_t* out_x = static_cast<uint8_t*>(a.out_x);
     for (int slot = warp; slot < count; slot += kWarps) {
