@@ -176,21 +176,15 @@ __device__ __forceinline__ int* header_of(const PeerView& v, int rank) { return 
 // every wave of blocks and every kernel already queued on every rank would wait out its own timeout in turn.
 __device__ __forceinline__ bool wait_flag_or_abort(const PeerView& v, int slot, int peer, int expected, int phase) {
   const int* own = header_of(v, v.rank);
-  const unsigned long long start = global_timer_ns();
-  for (;;) {
-    const int value = ld_acquire_sys(own + slot + peer);
-    if (epoch_reached(value, expected)) return true;
-    const int aborted_by = ld_acquire_sys(own + kSlotAbort);
-    if (aborted_by != 0) {
-      record_error(v.err, v.rank, aborted_by - 1, kPhasePeerAborted, expected, value);
-      return false;
-    }
-    if (static_cast<long long>(global_timer_ns() - start) > v.timeout_ns) {
-      record_error(v.err, v.rank, peer, phase, expected, value);
-      for (int r = 0; r < v.num_ranks; ++r) st_release_sys(header_of(v, r) + kSlotAbort, v.rank + 1);
-      return false;
-    }
+  int value, aborted_by;
+  if (spin_until_reached(own + slot + peer, expected, v.timeout_ns, own + kSlotAbort, value, aborted_by)) return true;
+  if (aborted_by != 0) {
+    record_error(v.err, v.rank, aborted_by - 1, kPhasePeerAborted, expected, value);
+    return false;
   }
+  record_error(v.err, v.rank, peer, phase, expected, value);
+  for (int r = 0; r < v.num_ranks; ++r) st_release_sys(header_of(v, r) + kSlotAbort, v.rank + 1);
+  return false;
 }
 
 // Threads 0..num_ranks-1 each wait (wait_flag_or_abort) for this rank's header[slot + thread] to reach epoch

@@ -44,6 +44,15 @@ constexpr int kFp8Block = 128;  // channels per FP8 scale (see fp8_scale_of)
 
 #if MOE_COMM_DEVICE_CODE
 #if defined(__CUDACC__)
+// A strong load with no ordering: what a spin re-reads. On sm_90 ld.acquire compiles to the load plus an L1
+// invalidate (CCTL.IVALL), which in a spin loop would throw away the L1 lines of every warp on the SM at each
+// iteration; waits therefore spin relaxed and take one acquire load once the value is there (spin_until_reached).
+__device__ __forceinline__ int ld_relaxed_sys(const int* p) {
+  int v;
+  asm volatile("ld.relaxed.sys.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 __device__ __forceinline__ int ld_acquire_sys(const int* p) {
   int v;
   asm volatile("ld.acquire.sys.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -59,7 +68,11 @@ __device__ __forceinline__ int atomic_add_release_sys(int* p, int v) {
   asm volatile("atom.add.release.sys.global.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
   return old;
 }
-#else  // MOE_COMM_SIMT: host atomics; an acquire load is where a spinning thread lets the others run
+#else  // MOE_COMM_SIMT: host atomics; a relaxed or acquire load is where a spinning thread lets the others run
+inline int ld_relaxed_sys(const int* p) {
+  ::simt::spin_point();
+  return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
 inline int ld_acquire_sys(const int* p) {
   ::simt::spin_point();
   return __atomic_load_n(p, __ATOMIC_ACQUIRE);
@@ -107,19 +120,32 @@ __device__ __forceinline__ bool epoch_reached(int v, int want) {
   return static_cast<int>(static_cast<unsigned>(v) - static_cast<unsigned>(want)) >= 0;
 }
 
+// Spin until *p has reached epoch `expected`, then return true after an acquire load of *p (so what the writer
+// released before its flag is visible). Return false as soon as `abort_word` (may be null) holds a nonzero value,
+// which goes to `aborted_by`, or once `timeout_ns` elapse (`aborted_by` 0). `observed` gets the last value of *p.
+__device__ __forceinline__ bool spin_until_reached(const int* p, int expected, long long timeout_ns,
+                                                   const int* abort_word, int& observed, int& aborted_by) {
+  const unsigned long long start = global_timer_ns();
+  aborted_by = 0;
+  for (;;) {
+    observed = ld_relaxed_sys(p);
+    if (epoch_reached(observed, expected)) {
+      observed = ld_acquire_sys(p);  // a later value of the same word: the writer's epochs only move forward
+      return true;
+    }
+    if (abort_word != nullptr && (aborted_by = ld_relaxed_sys(abort_word)) != 0) return false;
+    if (static_cast<long long>(global_timer_ns() - start) > timeout_ns) return false;
+  }
+}
+
 // Spin until *p has reached epoch `expected` or `timeout_ns` elapse; on expiry fill `err` (first writer wins)
 // and return false.
 __device__ __forceinline__ bool wait_reached(const int* p, int expected, long long timeout_ns, TimeoutRecord* err,
                                              int rank, int peer, int phase) {
-  const unsigned long long start = global_timer_ns();
-  int v;
-  while (!epoch_reached(v = ld_acquire_sys(p), expected)) {
-    if (static_cast<long long>(global_timer_ns() - start) > timeout_ns) {
-      record_error(err, rank, peer, phase, expected, v);
-      return false;
-    }
-  }
-  return true;
+  int observed, aborted_by;
+  if (spin_until_reached(p, expected, timeout_ns, nullptr, observed, aborted_by)) return true;
+  record_error(err, rank, peer, phase, expected, observed);
+  return false;
 }
 
 // Called by thread 0 of every block once the block's memory operations are issued: makes them visible
