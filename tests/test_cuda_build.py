@@ -4,6 +4,10 @@ layout arithmetic matches Python; the registry reports ``cuda`` unusable here wi
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +133,52 @@ def test_registry_reports_cuda_unusable_with_reason():
     if not torch.cuda.is_available():
         assert usable is False
         assert reason
+
+
+def _spin_sass_checker():
+    spec = importlib.util.spec_from_file_location("check_spin_sass", Path(__file__).parents[1] / "scripts" / "check_spin_sass.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # its dataclass looks its module up there
+    spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules[spec.name]
+
+
+_SPIN_SASS = """
+        Function : spin_with_acquire
+        /*0100*/                   LDG.E.STRONG.SYS R4, desc[UR4][R2.64] ;
+        /*0110*/                   CCTL.IVALL ;
+        /*0120*/                   ISETP.GE.AND P0, PT, R4, R5, PT ;
+        /*0130*/              @!P0 BRA 0x100 ;
+        /*0140*/                   LDG.E.STRONG.SYS R6, desc[UR4][R2.64] ;
+        /*0150*/                   CCTL.IVALL ;
+        /*0160*/                   EXIT ;
+        Function : spin_relaxed_then_acquire
+        /*0100*/                   LDG.E.STRONG.SYS R4, desc[UR4][R2.64] ;
+        /*0110*/                   ISETP.GE.AND P0, PT, R4, R5, PT ;
+        /*0120*/              @!P0 BRA 0x100 ;
+        /*0130*/                   LDG.E.STRONG.SYS R6, desc[UR4][R2.64] ;
+        /*0140*/                   CCTL.IVALL ;
+        /*0150*/                   BRA 0x150 ;
+"""
+
+
+def test_spin_loop_detector_tells_an_invalidating_spin_from_a_relaxed_one():
+    loops = _spin_sass_checker().spin_loops(_SPIN_SASS)
+    # The trailing self-branch holds no load, so it is no spin.
+    assert [(s.function, s.start, s.end, s.instructions, s.invalidates_l1) for s in loops] == [
+        ("spin_with_acquire", 0x100, 0x130, 4, True),
+        ("spin_relaxed_then_acquire", 0x100, 0x120, 3, False),
+    ]
+
+
+def test_compiled_spin_loops_do_not_invalidate_l1():
+    """Every wait of every kernel spins on relaxed loads: no CCTL.IVALL (an SM-wide L1 invalidate) per iteration."""
+    ext = _ext()
+    if shutil.which("cuobjdump") is None:
+        pytest.skip("cuobjdump not on PATH (pip install nvidia-cuda-cuobjdump)")
+    checker = _spin_sass_checker()
+    loops = checker.spin_loops(checker.sass_of(Path(ext.__file__)))
+    spinning = {loop.function for loop in loops}
+    for kernel in [*ext.KERNEL_IDS, "barrier"]:  # each waits on its peers' flags; none found: the format changed
+        assert any(f"{kernel}_kernel" in name for name in spinning), f"no spin loop found in {kernel}_kernel"
+    assert [loop for loop in loops if loop.invalidates_l1] == []

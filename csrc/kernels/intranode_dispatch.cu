@@ -156,7 +156,8 @@ __global__ void __launch_bounds__(kIntranodeThreads) dispatch_recv_kernel(Dispat
       int total = 0, wanted = 0;
       for (int s = 0; s < v.num_ranks; ++s) {
         s_start[s] = total;
-        int count = ld_acquire_sys(own + kSlotDispatchCount + s);  // written before the flag we acquired
+        // Written before flag s, whose acquire load (thread s) the block barrier above orders before this one.
+        int count = ld_relaxed_sys(own + kSlotDispatchCount + s);
         if (count > a.capacity_rows) {
           record_error(v.err, v.rank, s, kPhaseOverflow, a.capacity_rows, count);
           count = a.capacity_rows;

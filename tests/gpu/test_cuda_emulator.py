@@ -16,6 +16,7 @@ pytestmark = pytest.mark.gpu
 skip_module_without_cuda()
 
 from moe_comm.backends import cuda_intranode as ops  # noqa: E402
+from moe_comm.backends import cuda_memory  # noqa: E402
 from moe_comm.backends.cuda_emulator import MultiRankEmulator  # noqa: E402
 from moe_comm.errors import CommTimeoutError  # noqa: E402
 from moe_comm.fp8 import num_scale_blocks, per_token_cast_to_fp8  # noqa: E402
@@ -48,44 +49,110 @@ def _expected(xs, idxs, ws, rank, world, epr):
     return torch.cat(rows), torch.cat(ids), torch.cat(wts), torch.cat(src), torch.cat(src_rank)
 
 
-@pytest.mark.parametrize("world", [1, 2, 4, 8])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_dispatch_combine_exact(world, dtype):
-    hidden, topk, epr = 256, 4, 3
-    num_experts = world * epr
-    topk = min(topk, num_experts)
-    tokens = [40 + 7 * r for r in range(world)]
-    data = [_inputs(r, tokens[r], hidden, topk, num_experts, seed=world) for r in range(world)]
-    xs = [d[0] for d in data]
-    idxs = [d[1] for d in data]
-    ws = [d[2] for d in data]
-    emu = MultiRankEmulator(world, *MultiRankEmulator.region_bytes_for(max(tokens), hidden, dtype, 0, topk, dtype))
-    dev = emu.device
-    plans = emu.plan([i.to(dev) for i in idxs], num_experts, num_sms=4)
-    for repeat in range(3):  # several epochs through the same regions
-        outs = emu.dispatch(plans, [x.to(dev, dtype) for x in xs], topk_idx=[i.to(dev) for i in idxs],
-                            topk_weights=[w.to(dev) for w in ws], num_experts=num_experts, num_sms=4 + repeat)
+class _Exchange:
+    """Every rank's inputs for one routing, and a check of one dispatch + combine round through an emulator."""
+
+    def __init__(self, world: int, dtype: torch.dtype, seed: int, hidden: int = 256, topk: int = 4, epr: int = 3) -> None:
+        self.world, self.dtype, self.hidden, self.epr = world, dtype, hidden, epr
+        self.num_experts = world * epr
+        self.tokens = [40 + 7 * r for r in range(world)]
+        data = [_inputs(r, self.tokens[r], hidden, min(topk, self.num_experts), self.num_experts, seed) for r in range(world)]
+        self.xs, self.idxs, self.ws = ([d[i] for d in data] for i in range(3))
+        self.topk = min(topk, self.num_experts)
+
+    def emulator(self, **kwargs) -> MultiRankEmulator:
+        return MultiRankEmulator(self.world, *MultiRankEmulator.region_bytes_for(
+            max(self.tokens), self.hidden, self.dtype, 0, self.topk, self.dtype), **kwargs)
+
+    def check_round(self, emu: MultiRankEmulator, plans: list, num_sms: int, what: str) -> None:
+        """Dispatch, then combine with rank d's rows scaled by (d + 1); every row and token checked exactly."""
+        dev, world = emu.device, self.world
+        outs = emu.dispatch(plans, [x.to(dev, self.dtype) for x in self.xs], topk_idx=[i.to(dev) for i in self.idxs],
+                            topk_weights=[w.to(dev) for w in self.ws], num_experts=self.num_experts, num_sms=num_sms)
         torch.cuda.synchronize()
         emu.raise_if_failed("dispatch")
         for d in range(world):
-            rows, ids, wts, src, src_rank = _expected(xs, idxs, ws, d, world, epr)
+            rows, ids, wts, src, src_rank = _expected(self.xs, self.idxs, self.ws, d, world, self.epr)
             o = outs[d]
-            assert torch.equal(o.recv_x.cpu().float(), rows), f"rank {d}: rows differ"
-            assert torch.equal(o.recv_topk_idx.cpu(), ids)
-            assert torch.equal(o.recv_topk_weights.cpu(), wts)
-            assert torch.equal(o.recv_src_idx.cpu().long(), src)
-            assert torch.equal(o.recv_src_rank.cpu().long(), src_rank)
-        # Combine: rank d scales its rows by (d + 1); token t gets x * sum of (d + 1) over the ranks it reached.
-        back = emu.combine(plans, [o.recv_x * (d + 1) for d, o in enumerate(outs)], num_sms=3 + repeat)
+            assert torch.equal(o.recv_x.cpu().float(), rows), f"{what}: rank {d}: rows differ"
+            assert torch.equal(o.recv_topk_idx.cpu(), ids), f"{what}: rank {d}: recv_topk_idx"
+            assert torch.equal(o.recv_topk_weights.cpu(), wts), f"{what}: rank {d}: recv_topk_weights"
+            assert torch.equal(o.recv_src_idx.cpu().long(), src), f"{what}: rank {d}: recv_src_idx"
+            assert torch.equal(o.recv_src_rank.cpu().long(), src_rank), f"{what}: rank {d}: recv_src_rank"
+        # Token t gets x * the sum of (d + 1) over the ranks d it reached.
+        back = emu.combine(plans, [o.recv_x * (d + 1) for d, o in enumerate(outs)], num_sms=max(1, num_sms - 1))
         torch.cuda.synchronize()
         emu.raise_if_failed("combine")
         for s in range(world):
-            owner = torch.where(idxs[s] >= 0, idxs[s] // epr, -1)
-            acc = torch.zeros(tokens[s], hidden)  # float32, rank by rank, like the kernel
+            owner = torch.where(self.idxs[s] >= 0, self.idxs[s] // self.epr, -1)
+            acc = torch.zeros(self.tokens[s], self.hidden)  # float32, rank by rank, like the kernel
             for d in range(world):
                 reached = (owner == d).any(dim=1).unsqueeze(1)
-                acc += torch.where(reached, (xs[s].to(dtype) * (d + 1)).float(), 0.0)
-            assert torch.equal(back[s].cpu(), acc.to(dtype)), f"rank {s}: combine differs"
+                acc += torch.where(reached, (self.xs[s].to(self.dtype) * (d + 1)).float(), 0.0)
+            assert torch.equal(back[s].cpu(), acc.to(self.dtype)), f"{what}: rank {s}: combine differs"
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_dispatch_combine_exact(world, dtype):
+    ex = _Exchange(world, dtype, seed=world)
+    emu = ex.emulator()
+    plans = emu.plan([i.to(emu.device) for i in ex.idxs], ex.num_experts, num_sms=4)
+    for repeat in range(3):  # several epochs through the same regions
+        ex.check_round(emu, plans, num_sms=4 + repeat, what=f"call {repeat}")
+    emu.destroy()
+
+
+def _header(buf, values: torch.Tensor | None = None) -> torch.Tensor:
+    """Rank buffer `buf`'s header as int32 (a device copy); with `values`, first write them over it."""
+    ext = cuda_memory._ext()
+    stream = torch.cuda.current_stream(buf.device).cuda_stream
+    if values is not None:
+        ext.sm_copy(buf.base, values.data_ptr(), ext.HEADER_BYTES, 1, stream)
+    header = torch.empty(ext.HEADER_BYTES // 4, dtype=torch.int32, device=buf.device)
+    ext.sm_copy(header.data_ptr(), buf.base, ext.HEADER_BYTES, 1, stream)
+    torch.cuda.synchronize()
+    return header
+
+
+def _set_epochs(emu: MultiRankEmulator, epoch: int) -> None:
+    """As if every protocol kernel had run `epoch` times on every rank: epochs, flags and free slots at `epoch`."""
+    ext = cuda_memory._ext()
+    slots = dict(ext.HEADER_SLOTS)
+    for buf in emu.buffers:
+        header = _header(buf)
+        for name in ("dispatch_flag", "dispatch_free", "combine_flag", "combine_free"):
+            header[slots[name] : slots[name] + emu.num_ranks] = epoch
+        header[slots["epochs"] : slots["epochs"] + len(ext.KERNEL_IDS)] = epoch
+        _header(buf, header)
+
+
+def test_epochs_wrap():
+    """The int32 epochs wrap after 2^31 calls (they are serial numbers). From two calls before the wrap, three
+    rounds stay exact and leave every kernel's epoch at -2^31; at the wrap, a receive whose senders never ran
+    waits for them (a flag of 2^31 - 1 has not reached -2^31) and times out."""
+    int_max = 2**31 - 1
+    ex = _Exchange(4, torch.bfloat16, seed=31)
+    emu = ex.emulator()
+    plans = emu.plan([i.to(emu.device) for i in ex.idxs], ex.num_experts, num_sms=3)
+    _set_epochs(emu, int_max - 2)
+    for call in range(3):  # epochs 2^31 - 2, 2^31 - 1, -2^31
+        ex.check_round(emu, plans, num_sms=3, what=f"call {call} from epoch 2^31 - 3")
+    epochs = cuda_memory._ext().HEADER_SLOTS["epochs"]
+    for rank, buf in enumerate(emu.buffers):
+        kernels = _header(buf)[epochs : epochs + len(cuda_memory._ext().KERNEL_IDS)]
+        assert kernels.tolist() == [-(2**31)] * len(kernels), f"rank {rank}: epochs after the wrap {kernels.tolist()}"
+    emu.destroy()
+
+    emu = MultiRankEmulator(2, 1 << 20, 1 << 20, timeout_s=0.05)
+    idx = torch.zeros(4, 1, dtype=torch.int64, device=emu.device)
+    plans = emu.plan([idx, idx], 2, num_sms=1)
+    _set_epochs(emu, int_max)
+    out = ops.allocate_dispatch_outputs(plans[0], torch.empty(4, 64, device=emu.device), 0, 0, False, True, False)
+    ops.dispatch_recv(emu.buffers[0], plans[0], out, 1, torch.cuda.current_stream())
+    torch.cuda.synchronize()
+    with pytest.raises(CommTimeoutError, match=rf"\(expected >= {-(2**31)}, observed {int_max}\)"):
+        emu.buffers[0].raise_if_failed("dispatch")
     emu.destroy()
 
 
