@@ -11,12 +11,14 @@ A spin loop here is a backward branch whose body is at most ``MAX_SPIN_INSTRUCTI
 holds a system-scope strong load (``LDG.E.STRONG.SYS``, what ``ld.relaxed.sys``/``ld.acquire.sys``
 become). Loops over tokens or peers are longer and may hold one acquire per wait; they are not spins.
 
-Usage: scripts/check_spin_sass.py [path/to/_C.so]   (cuobjdump on PATH; prints one line per spin loop)
+Usage: scripts/check_spin_sass.py [path/to/_C.so]   (prints one line per spin loop; finds cuobjdump with tools_dir)
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -58,9 +60,34 @@ def spin_loops(sass: str, max_instructions: int = MAX_SPIN_INSTRUCTIONS) -> list
     return loops
 
 
+def tools_dir() -> str | None:
+    """The folder holding ``cuobjdump`` and ``nvdisasm``: on PATH, else the nvidia-cuda-cuobjdump and
+    nvidia-cuda-nvdisasm wheels' (the ``test`` extra installs them), else None."""
+    if shutil.which("cuobjdump") and shutil.which("nvdisasm"):
+        return str(Path(shutil.which("cuobjdump")).parent)
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in nvidia.__path__:
+        for found in sorted(Path(root).glob("cu*/bin/cuobjdump")):
+            if (found.parent / "nvdisasm").exists():
+                return str(found.parent)
+    return None
+
+
 def sass_of(library: Path) -> str:
-    """``cuobjdump -sass`` of `library`; raises FileNotFoundError without cuobjdump."""
-    return subprocess.run(["cuobjdump", "-sass", str(library)], check=True, capture_output=True, text=True).stdout
+    """``cuobjdump -sass`` of `library`. Raises RuntimeError without the tools, or when cuobjdump prints no
+    SASS (it does so silently when nvdisasm is missing)."""
+    folder = tools_dir()
+    if folder is None:
+        raise RuntimeError("cuobjdump and nvdisasm not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+    env = {**os.environ, "PATH": folder + os.pathsep + os.environ.get("PATH", "")}
+    sass = subprocess.run([str(Path(folder) / "cuobjdump"), "-sass", str(library)], check=True, capture_output=True,
+                          text=True, env=env).stdout
+    if not _FUNCTION.search(sass):
+        raise RuntimeError(f"cuobjdump printed no SASS for {library}")
+    return sass
 
 
 def default_library() -> Path:
