@@ -5,7 +5,7 @@ and ``python -m moe_comm.bench --suite cuda`` (moe_comm/bench/cuda.py) is built 
 scripts/gpu_check.sh. Here their host code runs unchanged, in one rank process (a RankPool of 1) where the
 model is installed, never in this one. Checked: tests/gpu/test_cuda_emulator.py's checks (dispatch/combine for
 R = 1, 2, 4, 8 bitwise against the oracle of tests/conformance.py over several epochs, worst-case outputs, FP8
-records and the FP8 cast, timeouts naming rank, phase and peer), the emulator's launch order and stream joins,
+records and the FP8 cast, timeouts naming rank, phase and peer, the int32 epoch wrap), the emulator's launch order and stream joins,
 and that the bench suite completes at a tiny shape with the documented records, JSON report and plot. Its
 timings are the model's host time, meaningless as numbers. Skipped when ``moe_comm._C`` was not built, and
 where a CUDA device is usable (tests/gpu runs the real thing there).
@@ -93,6 +93,11 @@ def test_emulator_fp8_records_and_cast_bit_exact(model):
 
 def test_emulator_receive_alone_times_out(model):
     message = model.run(emulator_checks.check_receive_alone_times_out)
+    assert "timed out after 0.05 s" in message, message
+
+
+def test_emulator_epochs_wrap(model):
+    message = model.run(emulator_checks.check_epochs_wrap, 4, Case(routing="zipf", seed=47))
     assert "timed out after 0.05 s" in message, message
 
 

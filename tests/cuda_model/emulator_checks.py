@@ -34,6 +34,7 @@ from moe_comm.fp8 import per_token_cast_to_fp8
 from tests.conformance import Case, expected_receive, make_inputs, num_tokens_of, ranks_reached
 from tests.cuda_model.checks import _assert_same
 from tests.cuda_model.install import ModelConfig, cuda_tensors_on_host, install, launcher_replaced, stream_tracker
+from tests.gpu.emulator_header import kernel_epochs, set_epochs
 
 SHORT_TIMEOUT_S = 2.0  # every wait of a correct run succeeds at once on the model; a wrong order fails fast
 
@@ -254,12 +255,15 @@ def check_fp8(world: int, case: Case) -> None:
     emu.destroy()
 
 
-def check_receive_alone_times_out() -> str:
-    """test_missing_sender_times_out_naming_phase_and_peer: rank 0's receive alone, no send anywhere."""
+def check_receive_alone_times_out(epoch: int | None = None) -> str:
+    """test_missing_sender_times_out_naming_phase_and_peer: rank 0's receive alone, no send anywhere (every
+    kernel first at `epoch`, if given). Returns the timeout's message."""
     emu = MultiRankEmulator(2, 1 << 20, 1 << 20, timeout_s=0.05)
     dev = emu.device
     idx = torch.zeros(4, 1, dtype=torch.int64, device=dev)
     plans = emu.plan([idx, idx], 2, num_sms=1)
+    if epoch is not None:
+        set_epochs(emu, epoch)
     out = ops.allocate_dispatch_outputs(plans[0], torch.empty(4, 64, device=dev), 0, 0, False, True, False)
     buf = emu.buffers[0]
     ops.dispatch_recv(buf, plans[0], out, 1, torch.cuda.current_stream())
@@ -272,6 +276,37 @@ def check_receive_alone_times_out() -> str:
         raise AssertionError("the receive without any send recorded no timeout")
     assert re.search(r"rank 0: .*dispatch arrive flag of peer rank [01]", message), message
     emu.destroy()
+    return message
+
+
+def check_epochs_wrap(world: int, case: Case) -> str:
+    """test_epochs_wrap: from two calls before the int32 wrap, three dispatch + combine rounds equal the oracle
+    and leave every kernel's epoch at -2^31; then a receive alone at the wrap waits for its senders (a flag of
+    2^31 - 1 has not reached -2^31) and times out. Returns that timeout's message."""
+    int_max = 2**31 - 1
+    xs, idxs, ws = _inputs(case, world)
+    num_experts = case.experts_per_rank * world
+    emu = _emulator(case, world, case.dtype)
+    dev = emu.device
+    plans = emu.plan([i.to(dev) for i in idxs], num_experts, num_sms=3)
+    set_epochs(emu, int_max - 2)
+    for call in range(3):  # epochs 2^31 - 2, 2^31 - 1, -2^31
+        outs = issued(emu, f"dispatch {call}", lambda: emu.dispatch(
+            plans, [x.to(dev) for x in xs], topk_idx=[i.to(dev) for i in idxs], topk_weights=[w.to(dev) for w in ws],
+            num_experts=num_experts, num_sms=3))
+        emu.raise_if_failed("dispatch")
+        _check_received(outs, case, world, f"{case} R={world} dispatch {call} from epoch 2^31 - 3")
+        rows = [o.recv_x * (d + 1) for d, o in enumerate(outs)]
+        back = issued(emu, f"combine {call}", lambda rows=rows: emu.combine(plans, rows, num_sms=3))
+        emu.raise_if_failed("combine")
+        for s in range(world):
+            want = _combined_oracle(xs[s], idxs[s], case.experts_per_rank, world, scaled=True)
+            _assert_same(back[s], want, f"{case} R={world} combine {call} rank {s}")
+    for rank, buf in enumerate(emu.buffers):
+        assert set(kernel_epochs(buf)) == {-(2**31)}, f"rank {rank}: epochs after the wrap {kernel_epochs(buf)}"
+    emu.destroy()
+    message = check_receive_alone_times_out(epoch=int_max)
+    assert f"(expected >= {-(2**31)}, observed {int_max})" in message, message
     return message
 
 

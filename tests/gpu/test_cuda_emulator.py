@@ -16,10 +16,10 @@ pytestmark = pytest.mark.gpu
 skip_module_without_cuda()
 
 from moe_comm.backends import cuda_intranode as ops  # noqa: E402
-from moe_comm.backends import cuda_memory  # noqa: E402
 from moe_comm.backends.cuda_emulator import MultiRankEmulator  # noqa: E402
 from moe_comm.errors import CommTimeoutError  # noqa: E402
 from moe_comm.fp8 import num_scale_blocks, per_token_cast_to_fp8  # noqa: E402
+from tests.gpu.emulator_header import kernel_epochs, set_epochs  # noqa: E402
 
 
 def _inputs(rank: int, tokens: int, hidden: int, topk: int, num_experts: int, seed: int):
@@ -103,30 +103,6 @@ def test_dispatch_combine_exact(world, dtype):
     emu.destroy()
 
 
-def _header(buf, values: torch.Tensor | None = None) -> torch.Tensor:
-    """Rank buffer `buf`'s header as int32 (a device copy); with `values`, first write them over it."""
-    ext = cuda_memory._ext()
-    stream = torch.cuda.current_stream(buf.device).cuda_stream
-    if values is not None:
-        ext.sm_copy(buf.base, values.data_ptr(), ext.HEADER_BYTES, 1, stream)
-    header = torch.empty(ext.HEADER_BYTES // 4, dtype=torch.int32, device=buf.device)
-    ext.sm_copy(header.data_ptr(), buf.base, ext.HEADER_BYTES, 1, stream)
-    torch.cuda.synchronize()
-    return header
-
-
-def _set_epochs(emu: MultiRankEmulator, epoch: int) -> None:
-    """As if every protocol kernel had run `epoch` times on every rank: epochs, flags and free slots at `epoch`."""
-    ext = cuda_memory._ext()
-    slots = dict(ext.HEADER_SLOTS)
-    for buf in emu.buffers:
-        header = _header(buf)
-        for name in ("dispatch_flag", "dispatch_free", "combine_flag", "combine_free"):
-            header[slots[name] : slots[name] + emu.num_ranks] = epoch
-        header[slots["epochs"] : slots["epochs"] + len(ext.KERNEL_IDS)] = epoch
-        _header(buf, header)
-
-
 def test_epochs_wrap():
     """The int32 epochs wrap after 2^31 calls (they are serial numbers). From two calls before the wrap, three
     rounds stay exact and leave every kernel's epoch at -2^31; at the wrap, a receive whose senders never ran
@@ -135,25 +111,14 @@ def test_epochs_wrap():
     ex = _Exchange(4, torch.bfloat16, seed=31)
     emu = ex.emulator()
     plans = emu.plan([i.to(emu.device) for i in ex.idxs], ex.num_experts, num_sms=3)
-    _set_epochs(emu, int_max - 2)
+    set_epochs(emu, int_max - 2)
     for call in range(3):  # epochs 2^31 - 2, 2^31 - 1, -2^31
         ex.check_round(emu, plans, num_sms=3, what=f"call {call} from epoch 2^31 - 3")
-    epochs = cuda_memory._ext().HEADER_SLOTS["epochs"]
     for rank, buf in enumerate(emu.buffers):
-        kernels = _header(buf)[epochs : epochs + len(cuda_memory._ext().KERNEL_IDS)]
-        assert kernels.tolist() == [-(2**31)] * len(kernels), f"rank {rank}: epochs after the wrap {kernels.tolist()}"
+        assert set(kernel_epochs(buf)) == {-(2**31)}, f"rank {rank}: epochs after the wrap {kernel_epochs(buf)}"
     emu.destroy()
-
-    emu = MultiRankEmulator(2, 1 << 20, 1 << 20, timeout_s=0.05)
-    idx = torch.zeros(4, 1, dtype=torch.int64, device=emu.device)
-    plans = emu.plan([idx, idx], 2, num_sms=1)
-    _set_epochs(emu, int_max)
-    out = ops.allocate_dispatch_outputs(plans[0], torch.empty(4, 64, device=emu.device), 0, 0, False, True, False)
-    ops.dispatch_recv(emu.buffers[0], plans[0], out, 1, torch.cuda.current_stream())
-    torch.cuda.synchronize()
-    with pytest.raises(CommTimeoutError, match=rf"\(expected >= {-(2**31)}, observed {int_max}\)"):
-        emu.buffers[0].raise_if_failed("dispatch")
-    emu.destroy()
+    message = _receive_alone_times_out(epoch=int_max)
+    assert f"(expected >= {-(2**31)}, observed {int_max})" in message, message
 
 
 def test_fp8_records_bit_exact():
@@ -212,15 +177,23 @@ def test_fp8_cast_kernel_bit_exact(hidden, dtype):
     assert torch.equal(scales.cpu(), ref_scales)
 
 
-def test_missing_sender_times_out_naming_phase_and_peer():
+def _receive_alone_times_out(epoch: int | None = None) -> str:
+    """Rank 0's receive alone, no send anywhere (every kernel first at `epoch`, if given): the timeout's message."""
     emu = MultiRankEmulator(2, 1 << 20, 1 << 20, timeout_s=0.05)
     dev = emu.device
     idx = torch.zeros(4, 1, dtype=torch.int64, device=dev)
     plans = emu.plan([idx, idx], 2, num_sms=1)
+    if epoch is not None:
+        set_epochs(emu, epoch)
     out = ops.allocate_dispatch_outputs(plans[0], torch.empty(4, 64, device=dev), 0, 0, False, True, False)
     buf = emu.buffers[0]
     ops.dispatch_recv(buf, plans[0], out, 1, torch.cuda.current_stream())
     torch.cuda.synchronize()
-    with pytest.raises(CommTimeoutError, match=r"rank 0: .*dispatch arrive flag of peer rank [01]"):
+    with pytest.raises(CommTimeoutError, match=r"rank 0: .*dispatch arrive flag of peer rank [01]") as caught:
         buf.raise_if_failed("dispatch")
     emu.destroy()
+    return str(caught.value)
+
+
+def test_missing_sender_times_out_naming_phase_and_peer():
+    _receive_alone_times_out()
