@@ -9,7 +9,8 @@ Environment:
     MAX_JOBS: at most this many nvcc processes at once (default: one per core).
     MOE_COMM_SKIP_CUDA=1: skip the extension even when nvcc exists (and tolerate a failing build).
     MOE_COMM_SKIP_SIMT=1: build moe_comm._C but not moe_comm._C_simt (whose tests then skip).
-    MOE_COMM_SIMT_SANITIZE=address: build moe_comm._C_simt with AddressSanitizer (scripts/simt_asan.sh).
+    MOE_COMM_SIMT_SANITIZE=address: build moe_comm._C_simt with AddressSanitizer (scripts/simt_asan.sh);
+        =thread: with ThreadSanitizer, each CUDA thread a TSan fiber (scripts/simt_tsan.sh).
     MOE_COMM_SKIP_CPU=1: do not build moe_comm._cpu.
     CXX: the host C++ compiler (default: c++ or g++ on PATH).
     CUDA_HOME / CUDA_PATH: where CUDA lives (else found from nvcc on PATH).
@@ -168,17 +169,27 @@ class MoeCommBuildExt(build_ext):
                  f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC / 'include'}",
                  *cuda_includes]
         sanitize = os.environ.get("MOE_COMM_SIMT_SANITIZE", "")
+        source_flags = {}
         if sanitize:
-            flags = [f if f != "-O2" else "-O1" for f in flags] + [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+            flags = [f if f != "-O2" else "-O1" for f in flags] + ["-fno-omit-frame-pointer", "-g"]
+            if sanitize == "thread":
+                # The fiber scheduler stays uninstrumented and tells ThreadSanitizer what CUDA orders (simt.cpp).
+                flags += ["-DMOE_COMM_SIMT_TSAN=1", "-Wno-tsan"]  # fences: the atomics after them are seq_cst
+                source_flags[str((CSRC / "simt" / "simt.cpp").relative_to(ROOT))] = list(flags)
+            flags.append(f"-fsanitize={sanitize}")
         self._build_host(ext, cxx, flags, [*cuda_libs, "-l:libcudart_static.a", "-lrt", "-lpthread", "-ldl",
-                                           *([f"-fsanitize={sanitize}"] if sanitize else [])])
+                                           *([f"-fsanitize={sanitize}"] if sanitize else [])], source_flags)
 
-    def _build_host(self, ext: Extension, cxx: str, flags: list[str], link_args: list[str]) -> None:
-        """Compile ``ext``'s sources as C++ with ``cxx`` and ``flags`` (in parallel), link them with ``link_args``."""
+    def _build_host(self, ext: Extension, cxx: str, flags: list[str], link_args: list[str],
+                    source_flags: dict[str, list[str]] | None = None) -> None:
+        """Compile ``ext``'s sources as C++ with ``cxx`` and ``flags`` (in parallel; a source in ``source_flags``
+        with its own), link them with ``link_args``."""
         build_tmp = Path(self.build_temp) / ext.name.replace(".", "_")
         build_tmp.mkdir(parents=True, exist_ok=True)
         objects = [str(_object_path(build_tmp, src)) for src in ext.sources]
-        _run_parallel([[cxx, "-c", "-x", "c++", str(src), "-o", obj, *flags] for src, obj in zip(ext.sources, objects, strict=True)])
+        flags_of = source_flags or {}
+        _run_parallel([[cxx, "-c", "-x", "c++", str(src), "-o", obj, *flags_of.get(str(src), flags)]
+                       for src, obj in zip(ext.sources, objects, strict=True)])
         out = Path(self.get_ext_fullpath(ext.name))
         out.parent.mkdir(parents=True, exist_ok=True)
         link = [cxx, "-shared", "-o", str(out), *objects, *link_args]

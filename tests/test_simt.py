@@ -62,6 +62,13 @@ def test_missing_barrier_gives_stale_reads():
     assert -1 in out[: BLOCKS * THREADS], "every thread saw thread 0's write without a barrier"
 
 
+@pytest.mark.parametrize("name", ["shared_overwritten_with_barrier", "shared_overwritten_without_barrier"])
+def test_write_after_read_hazard_is_invisible_to_thread_orders(name):
+    """Without its barrier the overwrite races the reads, yet every order reads 1: what scripts/simt_tsan.sh
+    (tests/test_simt_tsan.py) is for."""
+    assert run(name)[: BLOCKS * THREADS] == [1] * (BLOCKS * THREADS)
+
+
 def test_blocks_run_in_the_configured_order(order):
     out = run("block_order", blocks=6, threads=32)[:6]
     assert sorted(out) == list(range(6))

@@ -98,6 +98,11 @@ PYBIND11_MODULE(MOE_COMM_MODULE, m) {
       },
       py::arg("name"), py::arg("blocks"), py::arg("threads"),
       "Runs a kernel of csrc/simt/selftest.cpp: (launch error or '', its output values).");
+#if defined(MOE_COMM_SIMT_TSAN)
+  m.attr("SIMT_THREAD_SANITIZER") = true;  // every CUDA thread a TSan fiber (scripts/simt_tsan.sh)
+#else
+  m.attr("SIMT_THREAD_SANITIZER") = false;
+#endif
 #endif
   py::register_exception<Error>(m, "MoeCommError", PyExc_RuntimeError);
   m.def("compiled_architectures", []() { return std::string(MOE_COMM_ARCHS); });

@@ -83,9 +83,9 @@ inline int atomic_add_release_sys(int* p, int v) { return __atomic_fetch_add(p, 
 
 __device__ __forceinline__ void record_error(TimeoutRecord* err, int rank, int peer, int phase, long long expected,
                                              long long observed) {
-  // The plain read first: once a record is claimed, the other threads that fail (every token of an overflowing
+  // A relaxed read first: once a record is claimed, the other threads that fail (every token of an overflowing
   // dispatch) skip the atomic on host memory, each a round trip over the bus.
-  if (err != nullptr && *reinterpret_cast<volatile int*>(&err->flag) == 0 && atomicCAS(&err->flag, 0, -1) == 0) {
+  if (err != nullptr && ld_relaxed_sys(&err->flag) == 0 && atomicCAS(&err->flag, 0, -1) == 0) {
     err->rank = rank;
     err->peer = peer;
     err->phase = phase;

@@ -47,6 +47,23 @@ __global__ void shared_write_then_read(long long* out) {
   out[thread_id()] = s_value;
 }
 
+// Every thread reads a shared value, then thread 0 overwrites it. Without the barrier between, that write races
+// the other warps' reads (a write-after-read hazard), yet thread 0 writes after its own read and the others read
+// before a spin point lets it run, so every thread order gives the same output: only a ThreadSanitizer build
+// (csrc/simt/simt.cpp) reports it. out[t] = what thread t read (1).
+template <bool kBarrier>
+__global__ void shared_read_then_overwritten(long long* out) {
+  __shared__ int s_value;
+  if (threadIdx.x == 0) s_value = 1;
+  __syncthreads();
+  out[thread_id()] = s_value;
+  if (kBarrier) __syncthreads();
+  if (threadIdx.x == 0) {
+    spin_point();
+    s_value = 2;
+  }
+}
+
 // out[i] = the block that ran i-th.
 __global__ void block_order(long long* out, int* counter) {
   if (threadIdx.x == 0) out[atomicAdd(counter, 1)] = blockIdx.x;
@@ -98,6 +115,8 @@ std::string selftest(const std::string& name, int blocks, int threads, std::vect
       {"shared_with_barrier", shared_write_then_read<true>},
       {"shared_without_barrier", shared_write_then_read<false>},
       {"shared_uninitialised", shared_uninitialised},
+      {"shared_overwritten_with_barrier", shared_read_then_overwritten<true>},
+      {"shared_overwritten_without_barrier", shared_read_then_overwritten<false>},
       {"divergent_shuffle", divergent_shuffle},
       {"shuffle_after_lanes_returned", shuffle_after_lanes_returned},
       {"divergent_barrier", divergent_barrier},

@@ -12,6 +12,10 @@
 #include <ucontext.h>
 #endif
 
+#if MOE_COMM_SIMT_TSAN
+#include <sanitizer/tsan_interface.h>
+#endif
+
 namespace simt {
 namespace {
 
@@ -23,6 +27,7 @@ enum class State { kRunnable, kAtBarrier, kAtWarpOp, kExited };
 struct Fiber {
   ThreadId id{};
   State state = State::kRunnable;
+  void* tsan_fiber = nullptr;  // its ThreadSanitizer fiber (MOE_COMM_SIMT_TSAN builds)
   bool spun = false;  // gave way at a spin point, not at a barrier or collective
   // The collective or barrier it waits at, and its operands.
   const char* file = nullptr;
@@ -49,6 +54,11 @@ struct Launch {
   std::vector<uint8_t> smem;
   Fiber* running = nullptr;
   std::string error;
+  // Completed block barriers, and completed __syncwarp of each warp, of the running block: their parity picks
+  // the TSan token an arriving thread releases into (tsan_token_of).
+  unsigned barriers_done = 0;
+  std::vector<unsigned> syncwarps_done;
+  void* tsan_scheduler = nullptr;
 #if defined(__x86_64__)
   void* scheduler_sp = nullptr;
 #else
@@ -65,6 +75,43 @@ Order g_order = Order::kForward;
 std::mt19937_64 g_rng(0);
 std::vector<LaunchShape> g_shapes;
 std::vector<uint8_t*> g_stacks;  // reused across launches
+
+// ThreadSanitizer's view of a launch (MOE_COMM_SIMT_TSAN builds, scripts/simt_tsan.sh). Every CUDA thread is a
+// TSan fiber, and the scheduler switches between them without synchronising, so TSan orders two threads'
+// accesses only where CUDA does: the block's start and end, __syncthreads, __syncwarp, and the atomics. A write
+// and another thread's access with none of these between them is reported as a race: a missing barrier, or a
+// write-after-read hazard on shared memory, which the thread orders of a plain run cannot show. This file is
+// compiled without instrumentation (its bookkeeping is not device memory) and makes the calls below. The blocks
+// of a launch still run one after another and are ordered by it, so races between blocks go unseen.
+struct TsanTokens {  // addresses TSan synchronises on, never read or written
+  char block_start, block_end;
+  char barrier[2];
+  char syncwarp[32][2];
+};
+TsanTokens g_tsan_tokens;
+
+#if MOE_COMM_SIMT_TSAN
+std::vector<void*> g_tsan_fibers;  // one per thread index, reused by every block (as the stacks are)
+
+void* tsan_current() { return __tsan_get_current_fiber(); }
+// Thread `i`'s TSan fiber, named after the CUDA thread it runs now. Reusing it orders nothing new: the blocks
+// before this one are ordered before it anyway, through the scheduler.
+void* tsan_fiber_for(size_t i, const ThreadId& id) {
+  while (g_tsan_fibers.size() <= i) g_tsan_fibers.push_back(__tsan_create_fiber(0));
+  const std::string name = "CUDA thread " + std::to_string(id.thread_idx.x) + " of block " + std::to_string(id.block_idx.x);
+  __tsan_set_fiber_name(g_tsan_fibers[i], name.c_str());
+  return g_tsan_fibers[i];
+}
+void tsan_switch(void* fiber) { __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync); }
+void tsan_release(void* token) { __tsan_release(token); }
+void tsan_acquire(void* token) { __tsan_acquire(token); }
+#else
+void* tsan_current() { return nullptr; }
+void* tsan_fiber_for(size_t, const ThreadId&) { return nullptr; }
+void tsan_switch(void*) {}
+void tsan_release(void*) {}
+void tsan_acquire(void*) {}
+#endif
 
 uint8_t* stack_for(size_t i) {
   while (g_stacks.size() <= i) {
@@ -105,6 +152,7 @@ simt_switch_context:
 
 void to_scheduler() {
   Fiber* f = g_launch.running;
+  tsan_switch(g_launch.tsan_scheduler);
 #if defined(__x86_64__)
   simt_switch_context(&f->sp, g_launch.scheduler_sp);
 #else
@@ -114,6 +162,7 @@ void to_scheduler() {
 
 void run_fiber(Fiber* f) {
   g_launch.running = f;
+  tsan_switch(f->tsan_fiber);
 #if defined(__x86_64__)
   simt_switch_context(&g_launch.scheduler_sp, f->sp);
 #else
@@ -123,7 +172,9 @@ void run_fiber(Fiber* f) {
 }
 
 [[noreturn]] void fiber_main() {
+  tsan_acquire(&g_tsan_tokens.block_start);
   (*g_launch.body)();
+  tsan_release(&g_tsan_tokens.block_end);
   g_launch.running->state = State::kExited;
   to_scheduler();
   __builtin_unreachable();  // an exited fiber is never resumed
@@ -217,6 +268,7 @@ void complete_warp_ops() {
         case WarpOp::kSync: f.result = 0; break;
       }
     }
+    if (first.op == WarpOp::kSync) ++g_launch.syncwarps_done[base / kWarpSize];
     for (int l = 0; l < kWarpSize; ++l) lanes[l].state = State::kRunnable;
   }
 }
@@ -248,6 +300,7 @@ void complete_barrier() {
     f.result = all;
     f.state = State::kRunnable;
   }
+  ++g_launch.barriers_done;
 }
 
 // The first warp some of whose lanes wait at a warp collective (else warp 0), its lanes grouped by what they
@@ -284,6 +337,8 @@ std::vector<int> pass_order(int n) {
   return order;
 }
 
+void run_block_fibers();
+
 void run_block(uint3 block_idx) {
   const int n = int(g_launch.block.x * g_launch.block.y * g_launch.block.z);
   g_launch.fibers.assign(n, Fiber{});
@@ -292,10 +347,21 @@ void run_block(uint3 block_idx) {
     f.id.thread_idx = make_uint3(i % g_launch.block.x, (i / g_launch.block.x) % g_launch.block.y,
                                  i / (g_launch.block.x * g_launch.block.y));
     f.id.block_idx = block_idx;
+    f.tsan_fiber = tsan_fiber_for(size_t(i), f.id);
     start_fiber(&f, stack_for(i));
   }
+  g_launch.barriers_done = 0;
+  g_launch.syncwarps_done.assign(size_t(n / kWarpSize), 0);
   std::fill(g_launch.smem.begin(), g_launch.smem.end(), uint8_t(0xA5));
   std::fill(__start_simt_shared, __stop_simt_shared, uint8_t(0xA5));
+  tsan_release(&g_tsan_tokens.block_start);
+  run_block_fibers();
+  tsan_acquire(&g_tsan_tokens.block_end);
+}
+
+// Runs the block's fibers until every one has returned or the launch has failed.
+void run_block_fibers() {
+  const int n = int(g_launch.fibers.size());
   while (g_launch.error.empty()) {
     bool ran = false, only_spins = true;
     for (int i : pass_order(n)) {
@@ -350,6 +416,7 @@ std::string launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
   g_launch.grid = grid;
   g_launch.block = block;
   g_launch.body = &body;
+  g_launch.tsan_scheduler = tsan_current();
   g_launch.smem.assign(smem_bytes, 0);
   g_launch.error.clear();
   for (int b : pass_order(int(grid.x))) {
@@ -365,6 +432,17 @@ std::string launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
 void barrier(const char* file, int line) { barrier_and(1, file, line); }
 
 namespace {
+// What the running fiber, arriving at a barrier or a collective, releases into and then acquires from once the
+// scheduler has completed it; null for the collectives that order no memory (shuffles, ballots). The parity of
+// the completed count keeps a thread already at the next barrier from releasing into the token the last ones
+// still acquire from this one.
+void* tsan_token_of(State state, WarpOp op) {
+  if (state == State::kAtBarrier) return &g_tsan_tokens.barrier[g_launch.barriers_done & 1];
+  if (op != WarpOp::kSync) return nullptr;
+  const size_t warp = size_t(g_launch.running - g_launch.fibers.data()) / kWarpSize;
+  return &g_tsan_tokens.syncwarp[warp][g_launch.syncwarps_done[warp] & 1];
+}
+
 // The running fiber waits at a barrier or collective (its operands set) until the scheduler completes it.
 uint64_t wait_at(State state, uint64_t value, const char* file, int line) {
   Fiber* f = g_launch.running;
@@ -372,7 +450,10 @@ uint64_t wait_at(State state, uint64_t value, const char* file, int line) {
   f->value = value;
   f->file = file;
   f->line = line;
+  void* token = tsan_token_of(state, f->op);
+  if (token != nullptr) tsan_release(token);
   to_scheduler();
+  if (token != nullptr) tsan_acquire(token);
   return f->result;
 }
 }  // namespace

@@ -7,7 +7,9 @@
 //   * a fiber runs until it reaches a barrier (__syncthreads, __syncthreads_and), a warp collective (__shfl_sync,
 //     __shfl_xor_sync, __ballot_sync, __syncwarp) or a load of memory other ranks write (ld_relaxed_sys,
 //     ld_acquire_sys: where kernels spin), then the next fiber runs, in the configured thread order; a missing
-//     barrier between a write and another thread's read shows as a wrong result in one of the orders;
+//     barrier between a write and another thread's read shows as a wrong result in one of the orders, and any
+//     race between threads of a block (write-after-read hazards included) as a report of a ThreadSanitizer
+//     build (-DMOE_COMM_SIMT_TSAN, scripts/simt_tsan.sh), where every thread is a TSan fiber;
 //   * a barrier completes when every thread of the block is at the same barrier, a warp collective when all 32
 //     lanes are at the same collective with the same full mask; anything else (a lane at another collective or
 //     another line, a lane exited while the rest wait, a barrier after some threads returned) stops the launch
