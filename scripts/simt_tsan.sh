@@ -5,7 +5,7 @@
 # simt tests of the kernel model and the emulator with it. A data race between two threads of a block (a missing
 # barrier, a write-after-read hazard on shared memory) stops the rank; the reports are printed from OUT/reports.
 # Blocks still run one after another here, so races between blocks are not seen (racecheck on a GPU sees them).
-# Not part of `make test` (TSan runs the kernels 5-20x slower); run it after changing csrc/kernels.
+# Not part of `make test` (14.5 minutes on 2 cores); run it after changing csrc/kernels.
 #   usage: scripts/simt_tsan.sh [OUT] [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
