@@ -337,28 +337,6 @@ std::vector<int> pass_order(int n) {
   return order;
 }
 
-void run_block_fibers();
-
-void run_block(uint3 block_idx) {
-  const int n = int(g_launch.block.x * g_launch.block.y * g_launch.block.z);
-  g_launch.fibers.assign(n, Fiber{});
-  for (int i = 0; i < n; ++i) {
-    Fiber& f = g_launch.fibers[i];
-    f.id.thread_idx = make_uint3(i % g_launch.block.x, (i / g_launch.block.x) % g_launch.block.y,
-                                 i / (g_launch.block.x * g_launch.block.y));
-    f.id.block_idx = block_idx;
-    f.tsan_fiber = tsan_fiber_for(size_t(i), f.id);
-    start_fiber(&f, stack_for(i));
-  }
-  g_launch.barriers_done = 0;
-  g_launch.syncwarps_done.assign(size_t(n / kWarpSize), 0);
-  std::fill(g_launch.smem.begin(), g_launch.smem.end(), uint8_t(0xA5));
-  std::fill(__start_simt_shared, __stop_simt_shared, uint8_t(0xA5));
-  tsan_release(&g_tsan_tokens.block_start);
-  run_block_fibers();
-  tsan_acquire(&g_tsan_tokens.block_end);
-}
-
 // Runs the block's fibers until every one has returned or the launch has failed.
 void run_block_fibers() {
   const int n = int(g_launch.fibers.size());
@@ -388,6 +366,27 @@ void run_block_fibers() {
     }
     if (ran && only_spins) sched_yield();  // every thread polls memory another process writes: let it run
   }
+}
+
+// Runs block `block_idx` of the launch: its threads start as fibers, with its shared memory filled with garbage.
+void run_block(uint3 block_idx) {
+  const int n = int(g_launch.block.x * g_launch.block.y * g_launch.block.z);
+  g_launch.fibers.assign(n, Fiber{});
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = g_launch.fibers[i];
+    f.id.thread_idx = make_uint3(i % g_launch.block.x, (i / g_launch.block.x) % g_launch.block.y,
+                                 i / (g_launch.block.x * g_launch.block.y));
+    f.id.block_idx = block_idx;
+    f.tsan_fiber = tsan_fiber_for(size_t(i), f.id);
+    start_fiber(&f, stack_for(i));
+  }
+  g_launch.barriers_done = 0;
+  g_launch.syncwarps_done.assign(size_t(n / kWarpSize), 0);
+  std::fill(g_launch.smem.begin(), g_launch.smem.end(), uint8_t(0xA5));
+  std::fill(__start_simt_shared, __stop_simt_shared, uint8_t(0xA5));
+  tsan_release(&g_tsan_tokens.block_start);
+  run_block_fibers();
+  tsan_acquire(&g_tsan_tokens.block_end);
 }
 
 }  // namespace
