@@ -4,7 +4,7 @@
 # orders it on a GPU (block start and end, __syncthreads, __syncwarp, atomics; csrc/simt/simt.cpp), and runs the
 # simt tests of the kernel model and the emulator with it. A data race between two threads of a block (a missing
 # barrier, a write-after-read hazard on shared memory) stops the rank; the reports are printed from OUT/reports.
-# Blocks still run one after another here, so races between blocks are not seen (racecheck on a GPU sees them).
+# Blocks still run one after another here, so races between blocks are not seen (docs/kernels.md).
 # Not part of `make test` (14.5 minutes on 2 cores); run it after changing csrc/kernels.
 #   usage: scripts/simt_tsan.sh [OUT] [extra pytest args]
 set -euo pipefail

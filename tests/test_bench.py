@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 from moe_comm.bench.__main__ import main
+from tests.script_modules import load_script
 
 REQUIRED = (
     "op",
@@ -74,9 +73,7 @@ def test_bench_writes_one_record_per_op(tmp_path, capsys):
 
     # scripts/record_gpu_run.py turns a gpu_check.sh folder (here with these records as both portable runs)
     # into a results file and a gpu-log draft that names each portable op's ratio and target.
-    spec = importlib.util.spec_from_file_location("record_gpu_run", Path(__file__).parents[1] / "scripts" / "record_gpu_run.py")
-    recorder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recorder)
+    recorder = load_script("record_gpu_run")
     run_dir, root = tmp_path / "gpu-out", tmp_path / "repo"
     run_dir.mkdir()
     (root / "benchmarks" / "results").mkdir(parents=True)

@@ -4,14 +4,13 @@ layout arithmetic matches Python; the registry reports ``cuda`` unusable here wi
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from moe_comm.backends.registry import available_backends
+from tests.script_modules import load_script
 
 
 def _ext():
@@ -134,14 +133,6 @@ def test_registry_reports_cuda_unusable_with_reason():
         assert reason
 
 
-def _spin_sass_checker():
-    spec = importlib.util.spec_from_file_location("check_spin_sass", Path(__file__).parents[1] / "scripts" / "check_spin_sass.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # its dataclass looks its module up there
-    spec.loader.exec_module(sys.modules[spec.name])
-    return sys.modules[spec.name]
-
-
 _SPIN_SASS = """
         Function : spin_with_acquire
         /*0100*/                   LDG.E.STRONG.SYS R4, desc[UR4][R2.64] ;
@@ -162,7 +153,7 @@ _SPIN_SASS = """
 
 
 def test_spin_loop_detector_tells_an_invalidating_spin_from_a_relaxed_one():
-    loops = _spin_sass_checker().spin_loops(_SPIN_SASS)
+    loops = load_script("check_spin_sass").spin_loops(_SPIN_SASS)
     # The trailing self-branch holds no load, so it is no spin.
     assert [(s.function, s.start, s.end, s.instructions, s.invalidates_l1) for s in loops] == [
         ("spin_with_acquire", 0x100, 0x130, 4, True),
@@ -173,7 +164,7 @@ def test_spin_loop_detector_tells_an_invalidating_spin_from_a_relaxed_one():
 def test_compiled_spin_loops_do_not_invalidate_l1():
     """Every wait of every kernel spins on relaxed loads: no CCTL.IVALL (an SM-wide L1 invalidate) per iteration."""
     ext = _ext()
-    checker = _spin_sass_checker()
+    checker = load_script("check_spin_sass")
     if checker.tools_dir() is None:
         pytest.skip("cuobjdump and nvdisasm not found (the test extra installs them on Linux)")
     loops = checker.spin_loops(checker.sass_of(Path(ext.__file__)))

@@ -5,8 +5,8 @@ and ``python -m moe_comm.bench --suite cuda`` (moe_comm/bench/cuda.py) is built 
 scripts/gpu_check.sh. Here their host code runs unchanged, in one rank process (a RankPool of 1) where the
 model is installed, never in this one. Checked: tests/gpu/test_cuda_emulator.py's checks (dispatch/combine for
 R = 1, 2, 4, 8 bitwise against the oracle of tests/conformance.py over several epochs, worst-case outputs, FP8
-records and the FP8 cast, timeouts naming rank, phase and peer, the int32 epoch wrap), the emulator's launch order and stream joins,
-and that the bench suite completes at a tiny shape with the documented records, JSON report and plot. Its
+records and the FP8 cast, timeouts naming rank, phase and peer, the int32 epoch wrap), the emulator's launch
+order and stream joins, and that the bench suite completes at a tiny shape with the documented records, JSON report and plot. Its
 timings are the model's host time, meaningless as numbers. Skipped when ``moe_comm._C`` was not built, and
 where a CUDA device is usable (tests/gpu runs the real thing there).
 """

@@ -31,6 +31,7 @@ from tests.conformance import Case, make_inputs
 from tests.cuda_model.install import MODEL_BACKEND, ModelConfig, install, launcher_replaced, stream_tracker
 from tests.cuda_model.kernels import LAUNCHERS, raw
 from tests.cuda_model.simt import simt_module
+from tests.gpu.emulator_header import write_epochs
 from tests.graph_steps import make_step
 
 
@@ -387,13 +388,9 @@ def _set_epochs(buf: Buffer, epoch: int) -> None:
     free slots all at ``epoch``. Collective; the Buffer must be idle (its last call synchronous)."""
     mem = buf._backend._mem  # type: ignore[union-attr]
     assert mem is not None, "the Buffer has not sized its symmetric buffers yet"
-    ext = cuda_memory._ext()
-    slots = dict(ext.HEADER_SLOTS)
-    header = raw(mem.base, slots["launch_failed"], torch.int32)
+    header = raw(mem.base, dict(cuda_memory._ext().HEADER_SLOTS)["launch_failed"], torch.int32)
     dist.barrier()
-    for name in ("dispatch_flag", "dispatch_free", "combine_flag", "combine_free"):
-        header[slots[name] : slots[name] + mem.num_ranks] = epoch
-    header[slots["epochs"] : slots["epochs"] + len(ext.KERNEL_IDS)] = epoch
+    write_epochs(header, mem.num_ranks, epoch)
     dist.barrier()
 
 

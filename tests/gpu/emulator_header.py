@@ -1,7 +1,8 @@
 """Read and write the protocol headers of a :class:`~moe_comm.backends.cuda_emulator.MultiRankEmulator`'s ranks.
 
 Used by tests/gpu/test_cuda_emulator.py on a GPU and by its mirror on the kernel model
-(tests/cuda_model/emulator_checks.py), where the same calls reach the model's ``sm_copy`` and host memory.
+(tests/cuda_model/emulator_checks.py), where the same calls reach the model's ``sm_copy`` and host memory;
+:func:`write_epochs` also by the model's Buffer-level wrap check (tests/cuda_model/checks.py).
 """
 
 from __future__ import annotations
@@ -33,14 +34,19 @@ def kernel_epochs(buf: SymmetricBuffer) -> list[int]:
     return header(buf)[start : start + len(ext.KERNEL_IDS)].tolist()
 
 
-def set_epochs(emu: MultiRankEmulator, epoch: int) -> None:
-    """As if every protocol kernel had run `epoch` times on every rank: epochs, flags and free slots at `epoch`.
-    The emulator must be idle."""
+def write_epochs(values: torch.Tensor, num_ranks: int, epoch: int) -> None:
+    """Into `values` (int32, a rank's header from its start, at least up to the launch_failed slots): every
+    protocol kernel's epoch, and the flags and free slots of all `num_ranks` peers, at `epoch`."""
     ext = cuda_memory._ext()
     slots = dict(ext.HEADER_SLOTS)
+    for name in ("dispatch_flag", "dispatch_free", "combine_flag", "combine_free"):
+        values[slots[name] : slots[name] + num_ranks] = epoch
+    values[slots["epochs"] : slots["epochs"] + len(ext.KERNEL_IDS)] = epoch
+
+
+def set_epochs(emu: MultiRankEmulator, epoch: int) -> None:
+    """As if every protocol kernel had run `epoch` times on every rank (write_epochs). The emulator must be idle."""
     for buf in emu.buffers:
         values = header(buf)
-        for name in ("dispatch_flag", "dispatch_free", "combine_flag", "combine_free"):
-            values[slots[name] : slots[name] + emu.num_ranks] = epoch
-        values[slots["epochs"] : slots["epochs"] + len(ext.KERNEL_IDS)] = epoch
+        write_epochs(values, emu.num_ranks, epoch)
         header(buf, values)

@@ -55,14 +55,14 @@ class _Exchange:
     def __init__(self, world: int, dtype: torch.dtype, seed: int, hidden: int = 256, topk: int = 4, epr: int = 3) -> None:
         self.world, self.dtype, self.hidden, self.epr = world, dtype, hidden, epr
         self.num_experts = world * epr
-        self.tokens = [40 + 7 * r for r in range(world)]
-        data = [_inputs(r, self.tokens[r], hidden, min(topk, self.num_experts), self.num_experts, seed) for r in range(world)]
-        self.xs, self.idxs, self.ws = ([d[i] for d in data] for i in range(3))
         self.topk = min(topk, self.num_experts)
+        self.tokens = [40 + 7 * r for r in range(world)]
+        data = [_inputs(r, self.tokens[r], hidden, self.topk, self.num_experts, seed) for r in range(world)]
+        self.xs, self.idxs, self.ws = ([d[i] for d in data] for i in range(3))
 
-    def emulator(self, **kwargs) -> MultiRankEmulator:
+    def emulator(self) -> MultiRankEmulator:
         return MultiRankEmulator(self.world, *MultiRankEmulator.region_bytes_for(
-            max(self.tokens), self.hidden, self.dtype, 0, self.topk, self.dtype), **kwargs)
+            max(self.tokens), self.hidden, self.dtype, 0, self.topk, self.dtype))
 
     def check_round(self, emu: MultiRankEmulator, plans: list, num_sms: int, what: str) -> None:
         """Dispatch, then combine with rank d's rows scaled by (d + 1); every row and token checked exactly."""
