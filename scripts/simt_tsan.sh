@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The kernels' CUDA source on CPU fibers (moe_comm._C_simt) under ThreadSanitizer: builds a TSan copy of the
 # extension under OUT (default build/simt-tsan), in which every CUDA thread is a TSan fiber ordered only by what
-# orders it on a GPU (block start and end, __syncthreads, __syncwarp, atomics; csrc/simt/simt.cpp), and runs the
+# orders it on a GPU (launch start and end, __syncthreads, __syncwarp, atomics; csrc/simt/simt.cpp), and runs the
 # simt tests of the kernel model and the emulator with it. A data race between two threads of a block (a missing
-# barrier, a write-after-read hazard on shared memory) stops the rank; the reports are printed from OUT/reports.
-# Blocks still run one after another here, so races between blocks are not seen (docs/kernels.md).
+# barrier, a write-after-read hazard on shared memory) or between two blocks of a launch (plain accesses to the
+# same global memory) stops the rank; the reports are printed from OUT/reports (docs/kernels.md).
 # Not part of `make test` (14.5 minutes on 2 cores); run it after changing csrc/kernels.
 #   usage: scripts/simt_tsan.sh [OUT] [extra pytest args]
 set -euo pipefail

@@ -78,6 +78,20 @@ def test_blocks_run_in_the_configured_order(order):
         assert out == list(range(5, -1, -1))
 
 
+def test_blocks_meet_through_atomics_and_fences():
+    blocks, threads = 5, 64
+    out = run("blocks_sum_then_last_adds", blocks=blocks, threads=threads)
+    per_block = threads * (threads + 1) // 2
+    assert out[1:1 + blocks] == [per_block] * blocks
+    assert out[0] == blocks * per_block
+
+
+def test_blocks_storing_one_word_leave_one_of_theirs(order):
+    """A race between blocks on a GPU; here the last block to run wins (tests/test_simt_tsan.py reports it)."""
+    out = run("blocks_store_one_word", blocks=4, threads=32)
+    assert out[0] == {"forward": 3, "reverse": 0}.get(order, out[0]) and 0 <= out[0] < 4
+
+
 def test_shared_memory_starts_as_garbage_in_every_block():
     garbage = int.from_bytes(b"\xa5" * 4, "little", signed=True)
     assert set(run("shared_uninitialised")[: 2 * BLOCKS * THREADS]) == {garbage}

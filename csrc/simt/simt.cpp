@@ -58,6 +58,7 @@ struct Launch {
   // the TSan token an arriving thread releases into (tsan_token_of).
   unsigned barriers_done = 0;
   std::vector<unsigned> syncwarps_done;
+  int pool = 0;  // of the running block: its fibers, stacks and barrier tokens
   void* tsan_scheduler = nullptr;
 #if defined(__x86_64__)
   void* scheduler_sp = nullptr;
@@ -69,57 +70,88 @@ struct Launch {
 // The linker's bounds of section "simt_shared", where simt.h puts every __shared__ variable.
 extern "C" __attribute__((visibility("hidden"))) uint8_t __start_simt_shared[];
 extern "C" __attribute__((visibility("hidden"))) uint8_t __stop_simt_shared[];
+// Aligns the section to 8 bytes: TSan keeps an access history per 8-byte cell and resets only whole cells
+// (tsan_new_memory), and the statics alone may start the section at a 4-byte boundary.
+alignas(8) __attribute__((section("simt_shared"), used)) uint8_t g_shared_alignment;
 
 Launch g_launch;
 Order g_order = Order::kForward;
 std::mt19937_64 g_rng(0);
 std::vector<LaunchShape> g_shapes;
-std::vector<uint8_t*> g_stacks;  // reused across launches
+
 
 // ThreadSanitizer's view of a launch (MOE_COMM_SIMT_TSAN builds, scripts/simt_tsan.sh). Every CUDA thread is a
 // TSan fiber, and the scheduler switches between them without synchronising, so TSan orders two threads'
-// accesses only where CUDA does: the block's start and end, __syncthreads, __syncwarp, and the atomics. A write
-// and another thread's access with none of these between them is reported as a race: a missing barrier, or a
-// write-after-read hazard on shared memory, which the thread orders of a plain run cannot show. This file is
-// compiled without instrumentation (its bookkeeping is not device memory) and makes the calls below. The blocks
-// of a launch still run one after another and are ordered by it, so races between blocks go unseen.
+// accesses only where CUDA does: the launch's start and end, __syncthreads, __syncwarp, and the atomics. A write
+// and another thread's access with none of these between them is reported as a race: a missing barrier, a
+// write-after-read hazard on shared memory, or two blocks touching the same global memory, none of which the
+// thread orders of a plain run can show. This file is compiled without instrumentation (its bookkeeping is not
+// device memory) and makes the calls below.
+//
+// Blocks still run one after another, but TSan does not see them ordered: consecutive blocks run on two pools of
+// fibers (and stacks, and barrier tokens) in turn, and a block's fibers synchronise only with the scheduler,
+// which acquires nothing from them until the launch ends.
+// A race between two blocks is therefore seen when they ran in pools of different parity (a block's fiber is
+// ordered after the block of the same pool that it ran before); the orders of simt::configure vary which pairs
+// those are. Each block starts with its shared memory new to TSan, as on a GPU, where it is the block's own.
+#if MOE_COMM_SIMT_TSAN
+constexpr int kPools = 2;
+#else
+constexpr int kPools = 1;
+#endif
 struct TsanTokens {  // addresses TSan synchronises on, never read or written
-  char block_start, block_end;
-  char barrier[2];
-  char syncwarp[32][2];
+  char block_start, launch_end;
+  char barrier[kPools][2];
+  char syncwarp[kPools][32][2];
 };
 TsanTokens g_tsan_tokens;
 
 #if MOE_COMM_SIMT_TSAN
-std::vector<void*> g_tsan_fibers;  // one per thread index, reused by every block (as the stacks are)
+// Not in the installed headers: the calls a Java VM makes when it allocates and frees heap objects. Together
+// they drop a range's access history and sync objects, which is what a block's new shared memory needs
+// (GCC 12's AnnotateNewMemory does nothing).
+extern "C" void __tsan_java_alloc(unsigned long ptr, unsigned long size);
+extern "C" void __tsan_java_free(unsigned long ptr, unsigned long size);
+
+std::vector<void*> g_tsan_fibers[kPools];  // one per pool and thread index, reused by the pool's blocks
 
 void* tsan_current() { return __tsan_get_current_fiber(); }
-// Thread `i`'s TSan fiber, named after the CUDA thread it runs now. Reusing it orders nothing new: the blocks
-// before this one are ordered before it anyway, through the scheduler.
-void* tsan_fiber_for(size_t i, const ThreadId& id) {
-  while (g_tsan_fibers.size() <= i) g_tsan_fibers.push_back(__tsan_create_fiber(0));
+// Thread `i`'s TSan fiber in `pool`, named after the CUDA thread it runs now (a report names an earlier access's
+// fiber by the block it runs at the time of the report).
+void* tsan_fiber_for(int pool, size_t i, const ThreadId& id) {
+  std::vector<void*>& fibers = g_tsan_fibers[pool];
+  while (fibers.size() <= i) fibers.push_back(__tsan_create_fiber(0));
   const std::string name = "CUDA thread " + std::to_string(id.thread_idx.x) + " of block " + std::to_string(id.block_idx.x);
-  __tsan_set_fiber_name(g_tsan_fibers[i], name.c_str());
-  return g_tsan_fibers[i];
+  __tsan_set_fiber_name(fibers[i], name.c_str());
+  return fibers[i];
 }
 void tsan_switch(void* fiber) { __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync); }
 void tsan_release(void* token) { __tsan_release(token); }
 void tsan_acquire(void* token) { __tsan_acquire(token); }
+void tsan_new_memory(void* p, size_t bytes) {
+  if (bytes == 0) return;
+  __tsan_java_free(reinterpret_cast<unsigned long>(p), bytes);
+  __tsan_java_alloc(reinterpret_cast<unsigned long>(p), bytes);
+}
 #else
 void* tsan_current() { return nullptr; }
-void* tsan_fiber_for(size_t, const ThreadId&) { return nullptr; }
+void* tsan_fiber_for(int, size_t, const ThreadId&) { return nullptr; }
 void tsan_switch(void*) {}
 void tsan_release(void*) {}
 void tsan_acquire(void*) {}
+void tsan_new_memory(void*, size_t) {}
 #endif
 
-uint8_t* stack_for(size_t i) {
-  while (g_stacks.size() <= i) {
+std::vector<uint8_t*> g_stacks[kPools];  // per pool and thread index, reused across launches
+
+uint8_t* stack_for(int pool, size_t i) {
+  std::vector<uint8_t*>& stacks = g_stacks[pool];
+  while (stacks.size() <= i) {
     void* p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) throw std::runtime_error("simt: cannot map a fiber stack");
-    g_stacks.push_back(static_cast<uint8_t*>(p));
+    stacks.push_back(static_cast<uint8_t*>(p));
   }
-  return g_stacks[i];
+  return stacks[i];
 }
 
 #if defined(__x86_64__)
@@ -174,7 +206,7 @@ void run_fiber(Fiber* f) {
 [[noreturn]] void fiber_main() {
   tsan_acquire(&g_tsan_tokens.block_start);
   (*g_launch.body)();
-  tsan_release(&g_tsan_tokens.block_end);
+  tsan_release(&g_tsan_tokens.launch_end);
   g_launch.running->state = State::kExited;
   to_scheduler();
   __builtin_unreachable();  // an exited fiber is never resumed
@@ -368,8 +400,18 @@ void run_block_fibers() {
   }
 }
 
-// Runs block `block_idx` of the launch: its threads start as fibers, with its shared memory filled with garbage.
-void run_block(uint3 block_idx) {
+// Fills a block's shared memory with 0xA5, new to TSan. The fill is a memset, which TSan sees wherever it is
+// called from: the history is dropped first, so that it does not race the previous block's accesses, and again
+// after it, so that the block's threads do not race it.
+void fill_with_garbage(uint8_t* p, size_t bytes) {
+  tsan_new_memory(p, bytes);
+  std::fill(p, p + bytes, uint8_t(0xA5));
+  tsan_new_memory(p, bytes);
+}
+
+// Runs block `block_idx` of the launch on `pool`'s fibers: its threads start as fibers, with its shared memory
+// filled with garbage.
+void run_block(uint3 block_idx, int pool) {
   const int n = int(g_launch.block.x * g_launch.block.y * g_launch.block.z);
   g_launch.fibers.assign(n, Fiber{});
   for (int i = 0; i < n; ++i) {
@@ -377,16 +419,16 @@ void run_block(uint3 block_idx) {
     f.id.thread_idx = make_uint3(i % g_launch.block.x, (i / g_launch.block.x) % g_launch.block.y,
                                  i / (g_launch.block.x * g_launch.block.y));
     f.id.block_idx = block_idx;
-    f.tsan_fiber = tsan_fiber_for(size_t(i), f.id);
-    start_fiber(&f, stack_for(i));
+    f.tsan_fiber = tsan_fiber_for(pool, size_t(i), f.id);
+    start_fiber(&f, stack_for(pool, size_t(i)));
   }
+  g_launch.pool = pool;
   g_launch.barriers_done = 0;
   g_launch.syncwarps_done.assign(size_t(n / kWarpSize), 0);
-  std::fill(g_launch.smem.begin(), g_launch.smem.end(), uint8_t(0xA5));
-  std::fill(__start_simt_shared, __stop_simt_shared, uint8_t(0xA5));
-  tsan_release(&g_tsan_tokens.block_start);
+  fill_with_garbage(g_launch.smem.data(), g_launch.smem.size());
+  fill_with_garbage(__start_simt_shared, size_t(__stop_simt_shared - __start_simt_shared));
+  tsan_release(&g_tsan_tokens.block_start);  // orders the scheduler's set-up (the fibers' allocation) before them
   run_block_fibers();
-  tsan_acquire(&g_tsan_tokens.block_end);
 }
 
 }  // namespace
@@ -418,10 +460,12 @@ std::string launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
   g_launch.tsan_scheduler = tsan_current();
   g_launch.smem.assign(smem_bytes, 0);
   g_launch.error.clear();
+  int position = 0;
   for (int b : pass_order(int(grid.x))) {
-    run_block(make_uint3(b, 0, 0));
+    run_block(make_uint3(b, 0, 0), position++ % kPools);
     if (!g_launch.error.empty()) break;
   }
+  tsan_acquire(&g_tsan_tokens.launch_end);
   g_launch.body = nullptr;
   g_launch.fibers.clear();
   g_shapes.push_back({grid.x, unsigned(threads), smem_bytes});
@@ -436,10 +480,10 @@ namespace {
 // the completed count keeps a thread already at the next barrier from releasing into the token the last ones
 // still acquire from this one.
 void* tsan_token_of(State state, WarpOp op) {
-  if (state == State::kAtBarrier) return &g_tsan_tokens.barrier[g_launch.barriers_done & 1];
+  if (state == State::kAtBarrier) return &g_tsan_tokens.barrier[g_launch.pool][g_launch.barriers_done & 1];
   if (op != WarpOp::kSync) return nullptr;
   const size_t warp = size_t(g_launch.running - g_launch.fibers.data()) / kWarpSize;
-  return &g_tsan_tokens.syncwarp[warp][g_launch.syncwarps_done[warp] & 1];
+  return &g_tsan_tokens.syncwarp[g_launch.pool][warp][g_launch.syncwarps_done[warp] & 1];
 }
 
 // The running fiber waits at a barrier or collective (its operands set) until the scheduler completes it.

@@ -8,8 +8,9 @@
 //     __shfl_xor_sync, __ballot_sync, __syncwarp) or a load of memory other ranks write (ld_relaxed_sys,
 //     ld_acquire_sys: where kernels spin), then the next fiber runs, in the configured thread order; a missing
 //     barrier between a write and another thread's read shows as a wrong result in one of the orders, and any
-//     race between threads of a block (write-after-read hazards included) as a report of a ThreadSanitizer
-//     build (-DMOE_COMM_SIMT_TSAN, scripts/simt_tsan.sh), where every thread is a TSan fiber;
+//     race between threads of a block (write-after-read hazards included) or between blocks as a report of a
+//     ThreadSanitizer build (-DMOE_COMM_SIMT_TSAN, scripts/simt_tsan.sh), where every thread is a TSan fiber
+//     and the blocks of a launch are not ordered;
 //   * a barrier completes when every thread of the block is at the same barrier, a warp collective when all 32
 //     lanes are at the same collective with the same full mask; anything else (a lane at another collective or
 //     another line, a lane exited while the rest wait, a barrier after some threads returned) stops the launch
@@ -21,8 +22,9 @@
 // Memory between ranks (other processes) is shared host memory; ld_acquire_sys / st_release_sys are acquire and
 // release accesses of it, atomics are host atomics. The kernels' float arithmetic is the host's, FMA contraction
 // included where the compiler chooses it (setup.py compiles with -mfma -ffp-contract=fast, as nvcc contracts).
-// What it cannot show: timing, occupancy, concurrency between blocks of one launch, weak-memory reorderings
-// of a GPU (the host is x86-TSO), bank conflicts.
+// What it cannot show: timing, occupancy, blocks of one launch waiting for each other (they would deadlock),
+// weak-memory reorderings of a GPU (the host is x86-TSO; TSan takes the atomics as sequentially consistent and
+// does not model fences), bank conflicts.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -48,7 +50,8 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-// Function statics in one section, so that each block can start with them filled with garbage (simt.cpp).
+// Function statics in one section, so that each block can start with them filled with garbage (simt.cpp). GCC
+// ignores the section of a function template's statics, so no __shared__ variable may be declared in a template.
 #define __shared__ static __attribute__((section("simt_shared")))
 #define __launch_bounds__(...)
 
